@@ -1,0 +1,14 @@
+"""deepport: the DeepSeek-V3 graph on any accelerator, through a backend registry."""
+from deepport.core.errors import DeepportError
+
+__version__ = "0.1.0"
+
+
+def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None):
+    """Load a model (directory, preset name, or None for the embedded default) bound to a backend."""
+    from deepport.api import load as _load
+
+    return _load(model, backend=backend, dtype=dtype, fallback=fallback, device=device)
+
+
+__all__ = ["load", "DeepportError", "__version__"]

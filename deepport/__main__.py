@@ -1,0 +1,5 @@
+import sys
+
+from deepport.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""Public API: deepport.load(...) -> Model with logits(), generate(), backend and op_report()."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deepport import models
+from deepport.core import checkpoint, registry
+from deepport.core.errors import DeepportError
+from deepport.core.generate import generate as _generate
+from deepport.core.model import Transformer
+from deepport.core.tokenizer import Tokenizer, require
+
+TORCH_DTYPES = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class Model:
+    """A DeepSeek-V3 model bound to one backend's op table."""
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, path: Path, dtype: str, table):
+        self.transformer, self.tokenizer, self.path, self.dtype, self.table = transformer, tokenizer, path, dtype, table
+
+    @property
+    def backend(self) -> str:
+        return self.table.backend
+
+    @property
+    def args(self):
+        return self.transformer.args
+
+    def op_report(self) -> dict[str, str]:
+        """Per op: 'native', 'composite' (built from the backend's primitives) or 'fallback' (cpu_ref code)."""
+        return dict(self.table.report)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full prefill, no state kept: fp32 logits [B, S, vocab]."""
+        if input_ids.dim() != 2:
+            raise DeepportError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        t = self.transformer
+        return t.logits(t(input_ids.to(t.embed.weight.device)))
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return require(self.tokenizer, self.path).encode(prompt)
+        return [int(i) for i in prompt]
+
+    def generate(self, prompt, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, mtp: bool = False) -> GenerationResult:
+        """Generate from text or a token-id list; returns .text, .tokens (generated ids only) and .stats."""
+        results = self.generate_batch([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed, mtp=mtp)
+        return results[0]
+
+    def generate_batch(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, mtp: bool = False) -> list[GenerationResult]:
+        ids = [self.encode(p) for p in prompts]
+        eos = self.args.eos_token_id
+        if mtp:
+            from deepport.core.speculative import generate_mtp
+
+            if not self.args.n_mtp_layers:
+                raise DeepportError(f"{self.path} has no MTP module (num_nextn_predict_layers=0); drop --mtp")
+            gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+        else:
+            gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+        decode = self.tokenizer.decode if self.tokenizer else (lambda t: "")
+        return [GenerationResult(decode(t), t, dict(gen.stats)) for t in gen.tokens]
+
+
+def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
+    if dtype != "auto":
+        registry.check_dtype(backend, dtype)
+        return dtype
+    for d in (("fp8", "bf16", "fp32") if ckpt_fp8 else ("bf16", "fp32", "fp8")):
+        if d in backend.dtypes and (d != "fp8" or backend.resolve_fp8_format() is not None):
+            return d
+    raise DeepportError(f"backend {backend.name!r} declares no usable dtype")
+
+
+def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None) -> Model:
+    b = registry.select(backend)
+    want_fp8 = dtype in ("fp8", "auto")
+    path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
+    args, cfg = checkpoint.read_config(path)
+    dtype = _pick_dtype(dtype, b, ckpt_fp8=args.fp8_block is not None)
+    table = registry.bind(b, fallback=fallback)
+    dev = torch.device(device) if device else table.device
+    fp8 = table.fp8 if dtype == "fp8" else None
+    t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
+    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev)
+    t.inv_freq = t.inv_freq.to(dev)
+    t.eval()
+    return Model(t, Tokenizer.from_dir(path), path, dtype, table)

@@ -1,0 +1,254 @@
+"""Reference implementations of every contract in deepport/core/ops.py: plain torch, fp32 math.
+
+fp64 inputs are computed in fp64 (the conformance suite uses that for expected values). Everything
+here runs on any torch device, so it also serves as the fallback of other backends. Differentiable
+where the graph needs it (training goes through these ops).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deepport.core.errors import ContractError
+from deepport.core.formats import AMAX_FLOOR, Fp8Format, Fp8Weight, dequantize_weight, is_fp8, scale_grid
+
+
+def _acc(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def rms_norm(x, weight, eps, residual=None):
+    if x.shape[-1] != weight.shape[0]:
+        raise ContractError(f"rms_norm: x last dim {x.shape[-1]} != weight dim {weight.shape[0]}")
+    acc = _acc(x)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ContractError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        r = (x.to(acc) + residual.to(acc)).to(x.dtype)
+        xf = r.to(acc)
+    else:
+        r, xf = None, x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
+    y = y.to(x.dtype)
+    return y if residual is None else (y, r)
+
+
+def rope(x, cos, sin):
+    r = x.shape[-1]
+    if r % 2 or cos.shape[-1] != r // 2 or sin.shape != cos.shape:
+        raise ContractError(f"rope: x rope dim {r} must be even and cos/sin last dim {r // 2}; "
+                            f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    acc = _acc(x, cos)
+    xf = x.to(acc).unflatten(-1, (r // 2, 2))
+    c, s = cos.to(acc).unsqueeze(-2), sin.to(acc).unsqueeze(-2)  # [B, S, 1, R/2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def act_quant(x, fmt: Fp8Format, block=128):
+    k = x.shape[-1]
+    if k % block:
+        raise ContractError(f"act_quant: last dim {k} is not a multiple of the block {block}; pad K to a multiple of {block}")
+    acc = _acc(x)
+    xb = x.to(acc).unflatten(-1, (k // block, block))
+    amax = xb.abs().amax(-1)
+    s = (torch.clamp(amax, min=AMAX_FLOOR) / fmt.act_max).float()
+    codes = (xb / s.to(acc).unsqueeze(-1)).float().to(fmt.dtype).flatten(-2)
+    return codes, s
+
+
+def weight_dequant(w, scale_inv, block=128, out_dtype=torch.bfloat16):
+    if not is_fp8(w) or w.dim() != 2:
+        raise ContractError(f"weight_dequant: w must be a 2-D fp8 tensor, got {w.dtype} {tuple(w.shape)}")
+    want = scale_grid(*w.shape, block)
+    if tuple(scale_inv.shape) != want:
+        raise ContractError(f"weight_dequant: scale_inv shape {tuple(scale_inv.shape)} != {want} "
+                            f"(ceil(N/{block}), ceil(K/{block})) for w {tuple(w.shape)}")
+    return dequantize_weight(w, scale_inv, block, out_dtype)
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    m, k = a.shape
+    n = b.shape[0]
+    if not (is_fp8(a) and is_fp8(b)) or a.dtype != b.dtype:
+        raise ContractError(f"fp8_gemm: a and b must share one fp8 dtype, got {a.dtype} and {b.dtype}")
+    if k % 128 or b.shape[1] != k:
+        raise ContractError(f"fp8_gemm: K must match and be a multiple of 128; a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if tuple(a_scale.shape) != (m, k // 128) or tuple(b_scale.shape) != scale_grid(n, k):
+        raise ContractError(f"fp8_gemm: scales {tuple(a_scale.shape)} / {tuple(b_scale.shape)} do not match "
+                            f"a [M, K/128] = {(m, k // 128)} / b [ceil(N/128), K/128] = {scale_grid(n, k)}")
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    kb = k // 128
+    af = a.to(acc).view(m, kb, 128)
+    bf = b.to(acc).view(n, kb, 128)
+    partial = torch.einsum("mbk,nbk->mnb", af, bf)  # per-K-block dot products, exact in fp32 for fp8 inputs
+    bs = b_scale.to(acc).repeat_interleave(128, dim=0)[:n]  # [N, KB]
+    c = (partial * a_scale.to(acc).unsqueeze(1) * bs.unsqueeze(0)).sum(-1)
+    return c.to(out_dtype)
+
+
+def linear(x, w):
+    if isinstance(w, Fp8Weight):
+        lead, k = x.shape[:-1], x.shape[-1]
+        codes, s = act_quant(x.reshape(-1, k), w.fmt)
+        y = fp8_gemm(codes, s, w.weight, w.scale_inv, out_dtype=x.dtype)
+        return y.reshape(*lead, y.shape[-1])
+    return F.linear(x, w.to(x.dtype))
+
+
+def mla_prefill(q, k, v, causal, scale):
+    b, s, h, dk = q.shape
+    t = k.shape[1]
+    if k.shape != (b, t, h, dk) or v.shape[:3] != (b, t, h):
+        raise ContractError(f"mla_prefill: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                            f"do not match q [B,S,H,Dk], k [B,T,H,Dk], v [B,T,H,Dv]")
+    if causal and t < s:
+        raise ContractError(f"mla_prefill: causal attention needs T >= S, got T={t}, S={s}")
+    acc = _acc(q, k, v)
+    scores = torch.einsum("bshd,bthd->bhst", q.to(acc), k.to(acc)) * scale
+    if causal:
+        i = torch.arange(s, device=q.device).unsqueeze(1)
+        j = torch.arange(t, device=q.device).unsqueeze(0)
+        scores = scores.masked_fill(j > (t - s) + i, float("-inf"))
+    p = scores.softmax(dim=-1)
+    out = torch.einsum("bhst,bthd->bshd", p, v.to(acc))
+    return out.to(q.dtype)
+
+
+def _gather_paged(cache, block_table, length):
+    """Rows 0..length-1 of one sequence from a paged cache [NB, P, X]."""
+    p = cache.shape[1]
+    nblocks = -(-length // p)
+    return cache[block_table[:nblocks].long()].flatten(0, 1)[:length]
+
+
+def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    b, s, h, c = q_latent.shape
+    if q_pe.shape[:3] != (b, s, h) or kv_cache.shape[-1] != c or pe_cache.shape[-1] != q_pe.shape[-1]:
+        raise ContractError(f"mla_decode: q_latent {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, "
+                            f"kv_cache {tuple(kv_cache.shape)}, pe_cache {tuple(pe_cache.shape)} are inconsistent")
+    if block_table.shape[0] != b or seq_lens.shape != (b,):
+        raise ContractError(f"mla_decode: block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} "
+                            f"must have B={b} rows")
+    acc = _acc(q_latent, q_pe, kv_cache)
+    lens = seq_lens.tolist()
+    out = torch.empty(b, s, h, c, dtype=acc, device=q_latent.device)
+    for i, length in enumerate(lens):
+        if length < s or length > block_table.shape[1] * kv_cache.shape[1]:
+            raise ContractError(f"mla_decode: seq_lens[{i}]={length} must be in [S={s}, max_blocks*P]")
+        ckv = _gather_paged(kv_cache, block_table[i], length).to(acc)  # [L, C]
+        cpe = _gather_paged(pe_cache, block_table[i], length).to(acc)  # [L, R]
+        scores = (torch.einsum("shc,tc->sht", q_latent[i].to(acc), ckv)
+                  + torch.einsum("shr,tr->sht", q_pe[i].to(acc), cpe)) * scale
+        qi = torch.arange(s, device=q_latent.device).view(s, 1, 1)
+        j = torch.arange(length, device=q_latent.device).view(1, 1, length)
+        scores = scores.masked_fill(j > length - s + qi, float("-inf"))
+        out[i] = torch.einsum("sht,tc->shc", scores.softmax(-1), ckv)
+    return out.to(q_latent.dtype)
+
+
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
+    m, e = x.shape[0], weight.shape[0]
+    if e % n_groups or topk_groups > n_groups or topk > topk_groups * (e // n_groups):
+        raise ContractError(f"moe_gate: E={e}, n_groups={n_groups}, topk_groups={topk_groups}, topk={topk} "
+                            f"are inconsistent (need E % n_groups == 0 and topk <= topk_groups * E/n_groups)")
+    acc = _acc(x, weight)
+    scores = torch.sigmoid(F.linear(x.to(acc), weight.to(acc)))  # [M, E]
+    biased = scores + bias.to(acc)
+    if n_groups > 1:
+        grouped = biased.view(m, n_groups, -1)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # top-2 sum
+        keep = group_scores.topk(topk_groups, dim=-1).indices
+        mask = torch.ones(m, n_groups, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+        biased = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+    ids = biased.topk(topk, dim=-1).indices
+    w = scores.gather(1, ids)
+    w = w / w.sum(-1, keepdim=True) * route_scale
+    return w.to(torch.float64 if acc == torch.float64 else torch.float32), ids
+
+
+def _expert_linear(x, w):
+    return linear(x, w)
+
+
+def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
+    m, d = x.shape
+    n_experts = w1.shape[0]
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != m:
+        raise ContractError(f"moe_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                            f"{tuple(topk_ids.shape)} must both be [M={m}, k]")
+    if w1.shape[-1] != d or w2.shape[-2] != d or w1.shape != w3.shape:
+        raise ContractError(f"moe_experts: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} must be [E, I, D={d}] and "
+                            f"w2 {tuple(w2.shape)} [E, D, I]")
+    acc = _acc(x)
+    y = torch.zeros(m, d, dtype=acc, device=x.device)
+    flat_ids = topk_ids.flatten()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids.clamp(min=-1) + 1, minlength=n_experts + 1).tolist()[1:]
+    start = int((flat_ids < 0).sum())
+    k = topk_ids.shape[1]
+    for e, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        sel = order[start:start + cnt]
+        start += cnt
+        tok = sel // k
+        xe = x[tok]
+        g = _expert_linear(xe, w1[e])
+        u = _expert_linear(xe, w3[e])
+        h = silu_mul(torch.cat((g, u), dim=-1))
+        out = _expert_linear(h, w2[e])
+        wk = topk_weights.flatten()[sel].to(acc).unsqueeze(-1)
+        y = y.index_add(0, tok, out.to(acc) * wk)
+    return y.to(x.dtype)
+
+
+def silu_mul(x):
+    if x.shape[-1] % 2:
+        raise ContractError(f"silu_mul: last dim {x.shape[-1]} must be even ([gate ; up])")
+    acc = _acc(x)
+    g, u = x.to(acc).chunk(2, dim=-1)
+    return (F.silu(g) * u).to(x.dtype)
+
+
+def sample(logits, temperature, top_p, generator):
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    noise = torch.empty(probs.shape, dtype=torch.float32, device="cpu")
+    noise.exponential_(generator=generator)
+    return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def _dist_ready(group):
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce(x, group=None):
+    if _dist_ready(group):
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_to_all(x, output_split_sizes, input_split_sizes, group=None):
+    if not _dist_ready(group):
+        return x
+    import torch.distributed as dist
+
+    send = x.contiguous()
+    wire = send.view(torch.uint8) if is_fp8(send) else send
+    out = torch.empty((sum(output_split_sizes), *send.shape[1:]), dtype=wire.dtype, device=x.device)
+    dist.all_to_all_single(out, wire, output_split_sizes, input_split_sizes, group=group)
+    return out.view(x.dtype) if is_fp8(send) else out

@@ -1,0 +1,137 @@
+"""`deepport` command line: backends, generate, conformance, convert, bench, new-backend."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deepport.core.errors import DeepportError
+
+
+def _add_backend_args(p, dtypes=("auto", "fp8", "bf16", "fp32")):
+    p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
+    p.add_argument("--dtype", default="auto", choices=dtypes)
+    p.add_argument("--fallback", default="reference", choices=("reference", "error"),
+                   help="ops the backend lacks run cpu_ref code on its device (reference) or refuse (error)")
+
+
+def cmd_backends(a) -> int:
+    from deepport.core import registry
+
+    rows = []
+    for b in registry.discover().values():
+        p = registry.safe_probe(b)
+        row = {"name": b.name, "available": p.available, "reason": p.reason, "device_type": b.device_type,
+               "dtypes": sorted(b.dtypes), "fp8_format": None, "origin": b.origin, "dist_backend": b.dist_backend}
+        if p.available:
+            try:
+                f = b.resolve_fp8_format()
+                row["fp8_format"] = f.name if f else None
+                row["ops"] = registry.op_counts(b)
+            except DeepportError as e:
+                row["available"], row["reason"] = False, str(e)
+        elif isinstance(b.fp8_format, str):
+            row["fp8_format"] = b.fp8_format
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'backend':<10} {'status':<11} {'device':<7} {'dtypes':<15} {'fp8':<9} {'origin':<8} ops (native/composite/fallback)")
+    for r in rows:
+        ops = r.get("ops")
+        ops_s = f"{ops['native']}/{ops['composite']}/{ops['fallback']}" if ops else "-"
+        print(f"{r['name']:<10} {'available' if r['available'] else 'unavailable':<11} {r['device_type']:<7} "
+              f"{','.join(r['dtypes']):<15} {r['fp8_format'] or '-':<9} {r['origin']:<8} {ops_s}")
+        if not r["available"] or r["reason"]:
+            print(f"{'':<10}   {r['reason']}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import deepport
+
+    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
+    prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
+    if a.prompt_ids:
+        prompt = [int(t) for t in a.prompt_ids.split(",")]
+    r = m.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   seed=a.seed, mtp=a.mtp)
+    if a.json:
+        print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats, "backend": m.backend,
+                          "dtype": m.dtype, "model": str(m.path)}))
+        return 0
+    fallbacks = [op for op, how in m.op_report().items() if how == "fallback"]
+    print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
+    if fallbacks:
+        print(f"# ops on the cpu_ref fallback: {', '.join(fallbacks)}", file=sys.stderr)
+    print((prompt if isinstance(prompt, str) else "") + r.text)
+    s = r.stats
+    line = (f"# prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"
+            f" ({len(r.tokens)} tokens)")
+    if "acceptance_rate" in s:
+        line += f", MTP acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_forward']:.2f} tokens/forward"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from deepport.core.checkpoint import convert
+
+    out = convert(a.input, a.output, a.dtype, a.fp8_format)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="deepport", description="Run DeepSeek-V3 on any accelerator.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("backends", help="list discovered backends and whether they are available")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_backends)
+
+    p = sub.add_parser("generate", help="generate text (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory or preset name (default: embedded model)")
+    _add_backend_args(p)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint as bf16 / fp32 / fp8 (e4m3fn or e4m3fnuz)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--dtype", required=True, choices=("bf16", "fp32", "fp8"))
+    p.add_argument("--fp8-format", default="e4m3fn", choices=("e4m3fn", "e4m3fnuz"))
+    p.set_defaults(fn=cmd_convert)
+
+    for extra in ("deepport.conformance.cli", "deepport.bench", "deepport.porting"):
+        try:
+            mod = __import__(extra, fromlist=["register"])
+        except ImportError as e:
+            if e.name is None or not e.name.startswith(extra.rsplit(".", 1)[0]):
+                raise
+            continue
+        mod.register(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except DeepportError as e:
+        print(f"deepport: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

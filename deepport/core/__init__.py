@@ -1,0 +1,1 @@
+"""Hardware-free core: op contracts, registry, graph, cache, checkpoints, generation."""

@@ -1,0 +1,82 @@
+"""Paged latent KV cache: per layer a pool of blocks holding kv_norm(c_kv) [C] and rotated k_pe [R] per token."""
+from __future__ import annotations
+
+import torch
+
+from deepport.core.errors import DeepportError
+
+
+class PagedLatentCache:
+    """Block pools shared by a batch of sequences; each sequence owns blocks listed in its block_table row.
+
+    kv[layer]: [NB, P, C]; pe[layer]: [NB, P, R]; block_table: [B, max_blocks] int32; seq_lens: [B] int32
+    (device tensors), mirrored by `lens` (host ints) so the generation loop never synchronises.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_tokens: int, kv_dim: int, pe_dim: int,
+                 dtype: torch.dtype, device, block_size: int = 16):
+        self.block_size = block_size
+        self.max_blocks = -(-max_tokens // block_size)
+        n_blocks = batch * self.max_blocks
+        self.kv = [torch.zeros(n_blocks, block_size, kv_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pe = [torch.zeros(n_blocks, block_size, pe_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.block_table = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.lens = [0] * batch
+        self._owned: list[list[int]] = [[] for _ in range(batch)]
+        # Hand blocks out in reverse so a sequence's blocks are not contiguous: exercises the paging.
+        self._free = list(range(n_blocks))
+
+    @property
+    def batch(self) -> int:
+        return len(self.lens)
+
+    def reserve(self, rows: list[int], n_new: int) -> None:
+        """Make room for n_new more tokens in each row (allocating blocks)."""
+        for r in rows:
+            need = -(-(self.lens[r] + n_new) // self.block_size)
+            if need > self.max_blocks:
+                raise DeepportError(f"sequence {r} would hold {self.lens[r] + n_new} tokens, more than the cache's "
+                                    f"{self.max_blocks * self.block_size}; raise max_tokens (or --max-new-tokens less)")
+            while len(self._owned[r]) < need:
+                blk = self._free.pop()
+                self.block_table[r, len(self._owned[r])] = blk
+                self._owned[r].append(blk)
+
+    def slots(self, rows: list[int], n_new: int) -> torch.Tensor:
+        """Flat slot index (block * P + offset) of the next n_new positions of each row: [len(rows), n_new]."""
+        out = []
+        for r in rows:
+            pos = torch.arange(self.lens[r], self.lens[r] + n_new)
+            blocks = torch.tensor(self._owned[r], dtype=torch.long)[pos // self.block_size]
+            out.append(blocks * self.block_size + pos % self.block_size)
+        return torch.stack(out).to(self.block_table.device)
+
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store kv [b, s, C] and pe [b, s, R] at the given slots [b, s]."""
+        flat = slots.flatten()
+        self.kv[layer].view(-1, self.kv[layer].shape[-1])[flat] = kv.reshape(-1, kv.shape[-1]).to(self.kv[layer].dtype)
+        self.pe[layer].view(-1, self.pe[layer].shape[-1])[flat] = pe.reshape(-1, pe.shape[-1]).to(self.pe[layer].dtype)
+
+    def advance(self, rows: list[int], n_new: int) -> None:
+        for r in rows:
+            self.lens[r] += n_new
+        self.seq_lens[rows] = torch.tensor([self.lens[r] for r in rows], dtype=torch.int32, device=self.seq_lens.device)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll a sequence back to `length` tokens (speculative decoding's rejected drafts); frees spare blocks."""
+        if length > self.lens[row]:
+            raise DeepportError(f"cannot truncate sequence {row} from {self.lens[row]} up to {length} tokens")
+        self.lens[row] = length
+        self.seq_lens[row] = length
+        keep = -(-length // self.block_size)
+        while len(self._owned[row]) > keep:
+            self._free.append(self._owned[row].pop())
+
+    def contents(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid (kv, pe) rows of one sequence in one layer, in token order (for tests and debugging)."""
+        n = self.lens[row]
+        blocks = torch.tensor(self._owned[row], dtype=torch.long)
+        kv = self.kv[layer][blocks].flatten(0, 1)[:n]
+        pe = self.pe[layer][blocks].flatten(0, 1)[:n]
+        return kv, pe

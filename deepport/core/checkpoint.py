@@ -1,0 +1,343 @@
+"""Hugging Face DeepSeek-V3 checkpoints: name map, memory-mapped shard-by-shard loading, fp8 handling, writing."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepport.core import settings
+from deepport.core.config import ModelArgs, from_hf_config
+from deepport.core.errors import CheckpointError
+from deepport.core.formats import (E4M3FN, Fp8Format, dequantize_weight, fn_to_fnuz, fp8_format, is_fp8,
+                                   quantize_weight)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One checkpoint tensor: its shape, whether it is an fp8-quantisable linear weight, and where it goes."""
+
+    shape: tuple
+    fp8: bool
+    target: str  # module attribute path, e.g. "layers.3.attn.wq_b.weight"
+    expert: int | None = None  # index into a stacked expert tensor
+
+
+_ATTN = {"q_a_proj": "wq_a", "q_b_proj": "wq_b", "q_proj": "wq", "kv_a_proj_with_mqa": "wkv_a",
+         "kv_b_proj": "wkv_b", "o_proj": "wo"}
+_MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def hf_specs(args: ModelArgs) -> dict[str, Spec]:
+    """Every tensor a DeepSeek-V3 checkpoint for `args` must hold (weights only; scales are derived)."""
+    a = args
+    d, h = a.dim, a.n_heads
+    specs = {
+        "model.embed_tokens.weight": Spec((a.vocab_size, d), False, "embed.weight"),
+        "model.norm.weight": Spec((d,), False, "norm.weight"),
+        "lm_head.weight": Spec((a.vocab_size, d), False, "head.weight"),
+    }
+    for i in range(a.n_layers + a.n_mtp_layers):
+        p = f"model.layers.{i}."
+        t = f"layers.{i}." if i < a.n_layers else f"mtp.{i - a.n_layers}.block."
+        linear = {
+            "kv_a_proj_with_mqa": (a.kv_lora_rank + a.qk_rope_head_dim, d),
+            "kv_b_proj": (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),
+            "o_proj": (d, h * a.v_head_dim),
+        }
+        if a.q_lora_rank:
+            linear["q_a_proj"] = (a.q_lora_rank, d)
+            linear["q_b_proj"] = (h * a.qk_head_dim, a.q_lora_rank)
+            specs[p + "self_attn.q_a_layernorm.weight"] = Spec((a.q_lora_rank,), False, t + "attn.q_norm.weight")
+        else:
+            linear["q_proj"] = (h * a.qk_head_dim, d)
+        for name, shape in linear.items():
+            specs[p + f"self_attn.{name}.weight"] = Spec(shape, True, t + f"attn.{_ATTN[name]}.weight")
+        specs[p + "self_attn.kv_a_layernorm.weight"] = Spec((a.kv_lora_rank,), False, t + "attn.kv_norm.weight")
+        specs[p + "input_layernorm.weight"] = Spec((d,), False, t + "attn_norm.weight")
+        specs[p + "post_attention_layernorm.weight"] = Spec((d,), False, t + "ffn_norm.weight")
+
+        def mlp(prefix, target, inter):
+            for name, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
+                specs[prefix + f"{name}.weight"] = Spec(shape, True, target + f"{_MLP[name]}.weight")
+
+        if i < a.n_dense_layers:
+            mlp(p + "mlp.", t + "ffn.", a.inter_dim)
+        else:
+            specs[p + "mlp.gate.weight"] = Spec((a.n_routed_experts, d), False, t + "ffn.gate.weight")
+            specs[p + "mlp.gate.e_score_correction_bias"] = Spec((a.n_routed_experts,), False, t + "ffn.gate.bias")
+            mlp(p + "mlp.shared_experts.", t + "ffn.shared_experts.", a.n_shared_experts * a.moe_inter_dim)
+            for e in range(a.n_routed_experts):
+                for name, shape in (("gate_proj", (a.moe_inter_dim, d)), ("up_proj", (a.moe_inter_dim, d)),
+                                    ("down_proj", (d, a.moe_inter_dim))):
+                    specs[p + f"mlp.experts.{e}.{name}.weight"] = Spec(shape, True, t + f"ffn.experts.{_MLP[name]}", e)
+        if i >= a.n_layers:
+            m = f"mtp.{i - a.n_layers}."
+            specs[p + "enorm.weight"] = Spec((d,), False, m + "enorm.weight")
+            specs[p + "hnorm.weight"] = Spec((d,), False, m + "hnorm.weight")
+            specs[p + "eh_proj.weight"] = Spec((d, 2 * d), False, m + "eh_proj.weight")
+            specs[p + "shared_head.norm.weight"] = Spec((d,), False, m + "norm.weight")
+    return specs
+
+
+# Copies of shared tensors that real checkpoints store with the MTP layer; loaders reuse the main ones.
+_SHARED_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    if not settings.progress_enabled():
+        return
+    width = 30
+    done = int(width * i / max(n, 1))
+    sys.stderr.write(f"\rloading {what} [{'#' * done}{'.' * (width - done)}] {i}/{n} shards")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def read_config(path: Path) -> tuple[ModelArgs, dict]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; point --model at a Hugging Face DeepSeek-V3 directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download it") from None
+    return from_hf_config(cfg), cfg
+
+
+def shard_files(path: Path) -> dict[str, list[str]]:
+    """{shard file: [tensor names]} from model.safetensors.index.json, or every *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is unreadable ({e}); re-download it") from None
+        files: dict[str, list[str]] = {}
+        for name, f in weight_map.items():
+            files.setdefault(f, []).append(name)
+        for f in files:
+            if not (path / f).is_file():
+                raise CheckpointError(f"{path / f} is listed in the index but missing; download the full checkpoint")
+        return dict(sorted(files.items()))
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path} has no *.safetensors files; point --model at a checkpoint directory")
+    return {f.name: None for f in found}
+
+
+def iter_tensors(path: Path, what: str = "checkpoint"):
+    """Yield (name, tensor) over all shards, memory-mapped, one shard open at a time, with progress."""
+    files = shard_files(path)
+    for i, (fname, names) in enumerate(files.items()):
+        _progress(i, len(files), what)
+        try:
+            with safe_open(str(path / fname), framework="pt", device="cpu") as f:
+                for name in (names if names is not None else f.keys()):
+                    yield name, f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path / fname} is corrupt or truncated ({type(e).__name__}: {e}); "
+                                  f"re-download or re-convert that file") from None
+    _progress(len(files), len(files), what)
+
+
+def _fp8_pairs(path: Path):
+    """Yield (name, tensor, scale_inv or None), pairing fp8 weights with their scales across shards."""
+    pending_w, pending_s = {}, {}
+    for name, t in iter_tensors(path):
+        if name.endswith(".weight_scale_inv"):
+            base = name[: -len("_scale_inv")]
+            if base in pending_w:
+                yield base, pending_w.pop(base), t
+            else:
+                pending_s[base] = t
+        elif is_fp8(t):
+            if name in pending_s:
+                yield name, t, pending_s.pop(name)
+            else:
+                pending_w[name] = t
+        else:
+            yield name, t, None
+    if pending_w:
+        raise CheckpointError(f"fp8 tensor {next(iter(pending_w))} has no weight_scale_inv "
+                              f"({len(pending_w)} such); the checkpoint is incomplete")
+    if pending_s:
+        raise CheckpointError(f"scale {next(iter(pending_s))}_scale_inv has no weight; the checkpoint is incomplete")
+
+
+def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8: Fp8Format | None,
+              device: torch.device, shard=None) -> None:
+    """Fill a meta-device Transformer from an HF checkpoint directory.
+
+    fp8 weights stay fp8 when `fp8` is given (re-encoded to e4m3fnuz if that is the target format) or are
+    dequantised to `dtype`; BF16 checkpoints are block-quantised at load when fp8 is requested.
+    `shard(name, tensor, spec) -> tensor` (parallel.py) may slice each tensor for this rank.
+    """
+    path = Path(path)
+    args = model.args
+    specs = hf_specs(args)
+    seen = set()
+    stacked: dict[str, torch.Tensor] = {}
+    for name, t, scale in _fp8_pairs(path):
+        spec = specs.get(name)
+        if spec is None:
+            if _SHARED_COPIES.search(name) or re.match(r"model\.layers\.(\d+)\.", name) and \
+                    int(re.match(r"model\.layers\.(\d+)\.", name).group(1)) >= args.n_layers + args.n_mtp_layers:
+                continue  # shared copies, or extra MTP depths we do not use
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise CheckpointError(f"unexpected tensor {name} in {path}; the checkpoint does not match config.json")
+        if tuple(t.shape) != spec.shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {spec.shape} from config.json; "
+                                  f"the checkpoint and its config disagree")
+        if scale is not None and not spec.fp8:
+            raise CheckpointError(f"tensor {name} is fp8 but deepport keeps it unquantised; convert it to bf16 first")
+        seen.add(name)
+        value, value_scale = _convert(name, t, scale, spec, dtype, fp8)
+        if shard is not None:
+            value, value_scale = shard(name, value, value_scale, spec)
+        _assign(model, spec, value, value_scale, device, stacked, args)
+    missing = [n for n in specs if n not in seen]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}; "
+                              f"it is incomplete or was written for another config")
+    for mod in model.modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                raise CheckpointError(f"parameter {pname} of {type(mod).__name__} was not loaded")
+
+
+def _convert(name, t, scale, spec, dtype, fp8):
+    if name.endswith("e_score_correction_bias"):
+        return t.float(), None
+    if not spec.fp8:
+        return t.to(dtype), None
+    if fp8 is not None:
+        if scale is None:
+            codes, s = quantize_weight(t, fp8)
+            return codes, s
+        if t.dtype == fp8.dtype:
+            return t, scale.float()
+        if t.dtype == torch.float8_e4m3fn and fp8.name == "e4m3fnuz":
+            return fn_to_fnuz(t, scale.float())
+        raise CheckpointError(f"tensor {name} is {t.dtype}; cannot re-encode it as {fp8.name}")
+    if scale is not None:
+        return dequantize_weight(t, scale, 128, dtype), None
+    return t.to(dtype), None
+
+
+def _resolve(model, target: str):
+    obj = model
+    parts = target.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p)
+    return obj, parts[-1]
+
+
+def _assign(model, spec: Spec, value, scale, device, stacked, args) -> None:
+    mod, attr = _resolve(model, spec.target)
+    if spec.expert is None:
+        setattr(mod, attr, torch.nn.Parameter(value.to(device), requires_grad=False))
+        if scale is not None:
+            mod.scale_inv = torch.nn.Parameter(scale.to(device), requires_grad=False)
+        return
+    n = args.n_routed_experts
+    for suffix, v in (("", value), ("_scale_inv", scale)):
+        if v is None:
+            continue
+        key = spec.target + suffix
+        if key not in stacked:
+            stacked[key] = torch.empty((n, *v.shape), dtype=v.dtype, device=device)
+            setattr(mod, attr + suffix, torch.nn.Parameter(stacked[key], requires_grad=False))
+        stacked[key][spec.expert] = v.to(device)
+
+
+def save(tensors: dict[str, torch.Tensor], config: dict, out: str | Path, max_shard_bytes: int = 2 << 30,
+         tokenizer: str | Path | None = None) -> Path:
+    """Write an HF-format directory: config.json, model.safetensors (or shards + index), tokenizer.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t.contiguous()
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, sh in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in sh})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        (out / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str, fp8_format_name: str = "e4m3fn") -> Path:
+    """Rewrite a checkpoint as bf16 (dequantising fp8) or fp8 (quantising bf16; optionally e4m3fnuz, scales x2)."""
+    from deepport.core.config import to_hf_config
+
+    src = Path(src)
+    args, cfg = read_config(src)
+    specs = hf_specs(args)
+    target_fp8 = fp8_format(fp8_format_name) if dtype == "fp8" else None
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise CheckpointError(f"cannot convert to {dtype!r}; use bf16, fp32 or fp8")
+    out = {}
+    for name, t, scale in _fp8_pairs(src):
+        spec = specs.get(name)
+        if spec is None:
+            out[name] = t
+            continue
+        v, s = _convert(name, t, scale, spec, torch_dtype, target_fp8)
+        out[name] = v
+        if s is not None:
+            out[name + "_scale_inv"] = s
+    new_cfg = dict(cfg)
+    new_cfg.pop("quantization_config", None)
+    if target_fp8 is not None:
+        new_cfg["quantization_config"] = to_hf_config(args, fp8=True, fp8_format=target_fp8.name)["quantization_config"]
+    new_cfg["torch_dtype"] = {"fp32": "float32"}.get(dtype, "bfloat16")
+    tok = src / "tokenizer.json"
+    return save(out, new_cfg, dst, tokenizer=tok if tok.is_file() else None)
+
+
+def random_tensors(args: ModelArgs, seed: int, fp8: bool = False, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Deterministic random weights under HF names (fp8: 128x128 block-quantised e4m3fn + weight_scale_inv)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, spec in hf_specs(args).items():
+        if name.endswith("e_score_correction_bias"):
+            out[name] = torch.randn(spec.shape, generator=g) * 0.05
+            continue
+        if len(spec.shape) == 1:
+            w = 1.0 + 0.1 * torch.randn(spec.shape, generator=g)
+        elif name.endswith("embed_tokens.weight"):
+            w = torch.randn(spec.shape, generator=g)
+        else:
+            w = torch.randn(spec.shape, generator=g) * spec.shape[1] ** -0.5
+        if fp8 and spec.fp8:
+            codes, s = quantize_weight(w, E4M3FN)
+            out[name], out[name + "_scale_inv"] = codes, s
+        else:
+            out[name] = w.to(dtype)
+    return out

@@ -1,0 +1,80 @@
+"""Prefill/decode loop over the paged latent cache, sampling, and MTP speculative decoding."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deepport.core.errors import DeepportError
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids only, per prompt (eos excluded)
+    stats: dict = field(default_factory=dict)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Sampler:
+    """Samples on fp32 logits through the bound `sample` op; one seeded generator for the whole run."""
+
+    def __init__(self, ops, temperature: float, top_p: float, seed: int | None):
+        self.ops, self.temperature, self.top_p = ops, temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.ops.sample(logits.float(), self.temperature, self.top_p, self.generator)
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, eos_id: int | None = None, block_size: int = 16) -> Generation:
+    """Plain autoregressive decoding: each prompt prefilled on its own, then one batched decode step per token."""
+    if any(len(p) == 0 for p in prompts):
+        raise DeepportError("empty prompt; give at least one token")
+    if max_new_tokens < 1:
+        raise DeepportError("max_new_tokens must be at least 1")
+    device = model.embed.weight.device
+    b = len(prompts)
+    cache = model.new_cache(b, max(len(p) for p in prompts) + max_new_tokens + 1, block_size)
+    sampler = Sampler(model.ops, temperature, top_p, seed)
+    t0 = time.perf_counter()
+    last = []
+    for r, p in enumerate(prompts):
+        h = model(torch.tensor([p], device=device), cache, rows=[r])
+        last.append(model.logits(h[:, -1]))
+    next_tok = sampler(torch.cat(last))
+    _sync(device)
+    t1 = time.perf_counter()
+    out = [[] for _ in range(b)]
+    done = [False] * b
+    steps = 0
+    while True:
+        toks = next_tok.tolist()
+        for r in range(b):
+            if not done[r]:
+                if eos_id is not None and toks[r] == eos_id:
+                    done[r] = True
+                else:
+                    out[r].append(toks[r])
+                    done[r] = len(out[r]) >= max_new_tokens
+        if all(done):
+            break
+        h = model(next_tok.view(b, 1).to(device), cache)
+        next_tok = sampler(model.logits(h[:, -1]))
+        steps += 1
+    _sync(device)
+    t2 = time.perf_counter()
+    n_prefill = sum(len(p) for p in prompts)
+    n_decode = sum(len(o) for o in out)
+    stats = {
+        "prefill_tokens": n_prefill, "prefill_s": t1 - t0, "prefill_tokens_per_s": n_prefill / max(t1 - t0, 1e-9),
+        "decode_tokens": n_decode, "decode_s": t2 - t1, "decode_steps": steps,
+        "decode_tokens_per_s": max(n_decode - b, 0) / max(t2 - t1, 1e-9) if steps else 0.0,
+    }
+    return Generation(out, stats)
