@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-format", default="e4m3fn", choices=("e4m3fn", "e4m3fnuz"))
     p.set_defaults(fn=cmd_convert)
 
-    for extra in ("deepport.conformance.cli", "deepport.bench", "deepport.porting"):
+    # Subcommands that live beside their subsystem; each module defines register(subparsers).
+    for extra in ("deepport.conformance.cli", "deepport.bench", "deepport.porting", "deepport.onnx.cli",
+                  "deepport.train"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ImportError as e:
