@@ -13,6 +13,7 @@ from deepport.core.errors import DeepportError
 class Generation:
     tokens: list[list[int]]  # generated ids only, per prompt (eos excluded)
     stats: dict = field(default_factory=dict)
+    cache: object = None  # the main model's paged cache at the end (for inspection and tests)
 
 
 def _sync(device) -> None:
@@ -77,4 +78,4 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         "decode_tokens": n_decode, "decode_s": t2 - t1, "decode_steps": steps,
         "decode_tokens_per_s": max(n_decode - b, 0) / max(t2 - t1, 1e-9) if steps else 0.0,
     }
-    return Generation(out, stats)
+    return Generation(out, stats, cache=cache)
