@@ -1,0 +1,43 @@
+"""MTP speculative decoding on the embedded model: acceptance rate and decode speed-up vs plain decoding.
+
+Usage: python benchmarks/mtp.py [--backend cpu_ref] [--dtype bf16] [--max-new-tokens 96] [--repeats 3]
+Prints one JSON object; docs/models/tiny.md records the measured numbers.
+"""
+import argparse
+import json
+import statistics
+
+import deepport
+from deepport.bench import bench_generate
+
+PROMPTS = [
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Node:\n    def __init__(self, value, next=None):\n",
+    "def parse_args(argv):\n    parser = argparse.ArgumentParser(",
+    "    for key, value in sorted(items):\n",
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--backend", default="cpu_ref")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype)
+    rows = []
+    for p in PROMPTS:
+        plain = bench_generate(m, [p], a.max_new_tokens, a.repeats, mtp=False)
+        mtp = bench_generate(m, [p], a.max_new_tokens, a.repeats, mtp=True)
+        rows.append({"prompt": p, "plain_tok_s": plain["decode_tokens_per_s"], "mtp_tok_s": mtp["decode_tokens_per_s"],
+                     "acceptance_rate": mtp["acceptance_rate"], "tokens_per_forward": mtp["tokens_per_forward"],
+                     "speedup": mtp["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})
+    summary = {k: statistics.mean(r[k] for r in rows) for k in ("acceptance_rate", "tokens_per_forward", "speedup")}
+    print(json.dumps({"backend": m.backend, "dtype": m.dtype, "model": str(m.path), "prompts": rows,
+                      "mean": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""`deepport bench`: generation throughput (with and without MTP) of a model on a backend."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+
+def bench_generate(model, prompts, max_new_tokens: int, repeats: int, mtp: bool) -> dict:
+    """Median decode/prefill tokens/s over `repeats` runs (after one warm-up); MTP adds acceptance stats."""
+    model.generate_batch(prompts, max_new_tokens=min(4, max_new_tokens), mtp=mtp)  # warm-up (compiles kernels)
+    runs = [model.generate_batch(prompts, max_new_tokens=max_new_tokens, mtp=mtp)[0].stats for _ in range(repeats)]
+    out = {k: statistics.median(r[k] for r in runs) for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+    if mtp:
+        out.update({k: statistics.median(r[k] for r in runs) for k in ("acceptance_rate", "tokens_per_forward")})
+    return out
+
+
+def cmd_bench(a) -> int:
+    import deepport
+
+    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
+    prompts = [a.prompt] * a.batch
+    report = {"backend": m.backend, "dtype": m.dtype, "model": str(m.path), "batch": a.batch,
+              "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
+    print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}, {a.max_new_tokens} new tokens",
+          file=sys.stderr)
+    report["plain"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=False)
+    if a.mtp and m.args.n_mtp_layers:
+        report["mtp"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=True)
+        report["mtp_speedup"] = report["mtp"]["decode_tokens_per_s"] / max(report["plain"]["decode_tokens_per_s"], 1e-9)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        p = report["plain"]
+        print(f"plain: decode {p['decode_tokens_per_s']:.1f} tok/s, prefill {p['prefill_tokens_per_s']:.1f} tok/s")
+        if "mtp" in report:
+            q = report["mtp"]
+            print(f"mtp:   decode {q['decode_tokens_per_s']:.1f} tok/s, acceptance {q['acceptance_rate']:.2f}, "
+                  f"{q['tokens_per_forward']:.2f} tokens/forward, speed-up {report['mtp_speedup']:.2f}x")
+    return 0
+
+
+def register(sub) -> None:
+    from deepport.cli import _add_backend_args
+
+    p = sub.add_parser("bench", help="measure generation throughput (and the MTP speed-up)")
+    p.add_argument("--model", default=None)
+    _add_backend_args(p)
+    p.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main():\n")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench)
