@@ -46,13 +46,25 @@ class Model:
         """Full prefill, no state kept: fp32 logits [B, S, vocab]."""
         if input_ids.dim() != 2:
             raise DeepportError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids.flatten().tolist())
         t = self.transformer
         return t.logits(t(input_ids.to(t.embed.weight.device)))
 
+    def _check_ids(self, ids) -> None:
+        bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
+        if bad:
+            raise DeepportError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size}); "
+                                f"use ids from this model's tokenizer")
+
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return require(self.tokenizer, self.path).encode(prompt)
-        return [int(i) for i in prompt]
+            ids = require(self.tokenizer, self.path).encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise DeepportError("empty prompt; give at least one token")
+        self._check_ids(ids)
+        return ids
 
     def generate(self, prompt, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, mtp: bool = False) -> GenerationResult:
