@@ -90,7 +90,12 @@ _SHARED_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.hea
 
 
 def _progress(i: int, n: int, what: str) -> None:
+    """A bar on a terminal; one line per shard in logs (multi-shard checkpoints only)."""
     if not settings.progress_enabled():
+        return
+    if not sys.stderr.isatty():
+        if n > 1 and i < n:
+            print(f"loading {what}: shard {i + 1}/{n}", file=sys.stderr, flush=True)
         return
     width = 30
     done = int(width * i / max(n, 1))
