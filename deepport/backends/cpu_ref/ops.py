@@ -168,26 +168,48 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
     return w.to(torch.float64 if acc == torch.float64 else torch.float32), ids
 
 
-def _expert_linear(x, w):
-    return linear(x, w)
+_GATHER_MAX_PAIRS = 64  # decode-sized batches: gather each (token, expert) pair's weights instead of looping
 
 
-def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
+def _pair_linear(x, w, ids):
+    """Row p of x times expert ids[p]'s weight: the `linear` contract per (token, expert) pair, batched."""
+    if isinstance(w, Fp8Weight):
+        p, k = x.shape
+        n, kb = w.weight.shape[1], k // 128
+        codes, s = act_quant(x, w.fmt)
+        partial = torch.einsum("pbk,pnbk->pnb", codes.float().view(p, kb, 128), w.weight[ids].float().view(p, n, kb, 128))
+        b_scale = w.scale_inv[ids].float().repeat_interleave(128, dim=1)[:, :n]  # [P, N, KB]
+        return (partial * s.unsqueeze(1) * b_scale).sum(-1).to(x.dtype)
+    return torch.einsum("pk,pnk->pn", x, w[ids].to(x.dtype))
+
+
+def _check_experts(x, topk_weights, topk_ids, w1, w2, w3):
     m, d = x.shape
-    n_experts = w1.shape[0]
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != m:
         raise ContractError(f"moe_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids "
                             f"{tuple(topk_ids.shape)} must both be [M={m}, k]")
     if w1.shape[-1] != d or w2.shape[-2] != d or w1.shape != w3.shape:
         raise ContractError(f"moe_experts: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} must be [E, I, D={d}] and "
                             f"w2 {tuple(w2.shape)} [E, D, I]")
+
+
+def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
+    _check_experts(x, topk_weights, topk_ids, w1, w2, w3)
+    m, d = x.shape
     acc = _acc(x)
+    k = topk_ids.shape[1]
+    if topk_ids.numel() <= _GATHER_MAX_PAIRS and not torch.is_grad_enabled():
+        valid = topk_ids.flatten() >= 0
+        ids = topk_ids.flatten().clamp(min=0)
+        xs = x.repeat_interleave(k, dim=0)  # [M*k, D], pair p = (token p // k, slot p % k)
+        h = silu_mul(torch.cat((_pair_linear(xs, w1, ids), _pair_linear(xs, w3, ids)), dim=-1))
+        out = _pair_linear(h, w2, ids).to(acc) * (topk_weights.flatten().to(acc) * valid).unsqueeze(-1)
+        return out.view(m, k, d).sum(1).to(x.dtype)
     y = torch.zeros(m, d, dtype=acc, device=x.device)
     flat_ids = topk_ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids.clamp(min=-1) + 1, minlength=n_experts + 1).tolist()[1:]
+    counts = torch.bincount(flat_ids.clamp(min=-1) + 1, minlength=w1.shape[0] + 1).tolist()[1:]
     start = int((flat_ids < 0).sum())
-    k = topk_ids.shape[1]
     for e, cnt in enumerate(counts):
         if cnt == 0:
             continue
@@ -195,12 +217,9 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
         start += cnt
         tok = sel // k
         xe = x[tok]
-        g = _expert_linear(xe, w1[e])
-        u = _expert_linear(xe, w3[e])
-        h = silu_mul(torch.cat((g, u), dim=-1))
-        out = _expert_linear(h, w2[e])
+        h = silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1))
         wk = topk_weights.flatten()[sel].to(acc).unsqueeze(-1)
-        y = y.index_add(0, tok, out.to(acc) * wk)
+        y = y.index_add(0, tok, linear(h, w2[e]).to(acc) * wk)
     return y.to(x.dtype)
 
 
