@@ -47,6 +47,17 @@ class Backend:
     conformance_toml: str | Path | None = None
     description: str = ""
     interpretable: bool = False  # Triton backends: under TRITON_INTERPRET=1 they run on CPU tensors
+    evidence: Callable[[], str] | None = None  # what a passing run proves, e.g. "stand-in", "hardware: H100"
+
+    def evidence_label(self) -> str:
+        """How a conformance report labels results: interpreter, stand-in, reference or hardware: <device>."""
+        if self.interpretable and settings.triton_interpret():
+            return "interpreter"
+        if self.evidence is not None:
+            return self.evidence()
+        if self.name == "cpu_ref":
+            return "reference"
+        return f"hardware: {self.device_type}"
 
     def resolve_fp8_format(self) -> Fp8Format | None:
         f = self.fp8_format() if callable(self.fp8_format) else self.fp8_format
