@@ -1,0 +1,58 @@
+"""rocm ops: the same deepport/kernels bound with AMD tuning data (tuning.json), plus torch-native sample/collectives."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from deepport.backends import torch_common
+from deepport.core import settings
+from deepport.kernels import rms_norm as _rms_norm, silu_mul as _silu_mul
+from deepport.kernels.targets import check_fp8_format
+from deepport.kernels.tuning import Tuning
+
+TUNING_PATH = Path(__file__).with_name("tuning.json")
+
+
+@functools.cache
+def _device_arch() -> str:
+    return torch.cuda.get_device_properties(0).gcnArchName
+
+
+def arch() -> str:
+    """gcnArchName of the GPU; under TRITON_INTERPRET=1 the arch whose fp8 format the run uses
+    (gfx942 for e4m3fnuz, the default; gfx950 for DEEPPORT_FP8_FORMAT=e4m3fn)."""
+    if settings.triton_interpret():
+        return "gfx950" if settings.interpret_fp8_format() == "e4m3fn" else "gfx942"
+    return _device_arch()
+
+
+@functools.cache
+def tuning(gcn_arch: str) -> Tuning:
+    return Tuning.load(TUNING_PATH, gcn_arch.split(":")[0])
+
+
+def _configs(op: str) -> list[dict]:
+    return tuning(arch()).configs(op)
+
+
+def _check_fp8(dtype: torch.dtype) -> None:
+    check_fp8_format("hip", arch(), {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}[dtype])
+
+
+def rms_norm(x, weight, eps, residual=None):
+    return _rms_norm.rms_norm(x, weight, eps, residual, configs=_configs("rms_norm"))
+
+
+def silu_mul(x):
+    return _silu_mul.silu_mul(x, configs=_configs("silu_mul"))
+
+
+OPS = {
+    "rms_norm": rms_norm,
+    "silu_mul": silu_mul,
+    "sample": torch_common.sample,
+    "all_reduce": torch_common.all_reduce,
+    "all_to_all": torch_common.all_to_all,
+}
