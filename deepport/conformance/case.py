@@ -1,0 +1,99 @@
+"""A conformance case: one named, seeded input factory for one op contract, plus the builders cases share."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from deepport.core.formats import Fp8Format, Fp8Weight, quantize_weight
+from deepport.core.formats import fp8_format as lookup_format
+
+TIERS = ("quick", "full")
+CASE_DTYPES = ("fp8", "bf16")
+COMPARES = ("allclose", "quant", "routing", "exact", "nucleus", "distribution")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case. `make(device="cpu", fp8_format="e4m3fn") -> dict` of keyword arguments for the contract.
+
+    name: `<op>_<variant>_<dtype>`, unique. dtype: the capability the case needs (fp8 cases carry fp8
+    codes; bf16 cases bf16 activations). compare: how compare.py judges it. reduction: the reduction
+    length atol is scaled by (sqrt). reference: "fp64" (cpu_ref on fp64 upcasts) or "native" (cpu_ref
+    on the case's own dtypes, for ops whose contract rounds intermediates, e.g. fp8 experts).
+    """
+
+    name: str
+    op: str
+    dtype: str
+    tier: str
+    make: Callable[..., dict] = field(repr=False)
+    compare: str = "allclose"
+    reduction: int = 1
+    note: str = ""
+    reference: str = "fp64"
+
+    @property
+    def seed(self) -> int:
+        return case_seed(self.name)
+
+
+def case_seed(name: str) -> int:
+    """Stable per-case seed (crc32 of the name): reordering or adding cases never changes another's inputs."""
+    return zlib.crc32(name.encode())
+
+
+def to_device(value, device):
+    """Move a case argument (tensor, Fp8Weight, list/tuple of them) to `device`; copies, so ops may write in place."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
+    if isinstance(value, Fp8Weight):
+        return Fp8Weight(to_device(value.weight, device), to_device(value.scale_inv, device), value.block)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, Fp8Weight)):
+        return type(value)(to_device(v, device) for v in value)
+    return value  # scalars, formats, int lists, torch.Generator (sampling draws on the host)
+
+
+def case(op: str, variant: str, dtype: str, tier: str, build: Callable, **kw) -> Case:
+    """Make a Case whose inputs come from `build(g, fmt) -> dict` with g seeded from the case name."""
+    name = f"{op}_{variant}_{dtype}"
+
+    def make(device="cpu", fp8_format: str | Fp8Format = "e4m3fn") -> dict:
+        g = torch.Generator().manual_seed(case_seed(name))
+        inputs = build(g, lookup_format(fp8_format))
+        return {k: to_device(v, device) for k, v in inputs.items()}
+
+    return Case(name, op, dtype, tier, make, **kw)
+
+
+
+# ---- seeded builders (never zeros) -------------------------------------------------------------
+
+def randn(g: torch.Generator, *shape, dtype=torch.bfloat16, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * std + mean).to(dtype)
+
+
+def uniform(g: torch.Generator, *shape, lo: float = -1.0, hi: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    return (torch.rand(*shape, generator=g) * (hi - lo) + lo).to(dtype)
+
+
+def fp8_weight(g: torch.Generator, *shape, fmt: Fp8Format, std: float = 1.0) -> Fp8Weight:
+    """A block-quantised weight [..., N, K] from seeded normals (edge blocks partial when N, K are ragged)."""
+    codes, scale = quantize_weight(torch.randn(*shape, generator=g) * std, fmt)
+    return Fp8Weight(codes, scale)
+
+
+def fp8_activation(g: torch.Generator, m: int, k: int, fmt: Fp8Format, std: float = 1.0):
+    """Activation codes [M, K] and 1x128 scales [M, K/128], quantised by the reference act_quant."""
+    from deepport.backends.cpu_ref.ops import act_quant
+
+    return act_quant(randn(g, m, k, std=std), fmt)
+
+
+def v3_args():
+    """DeepSeek-V3 (671B) hyper-parameters: the dims and YaRN softmax scale cases use."""
+    from deepport.core.config import preset
+
+    return preset("v3-671b")

@@ -1,0 +1,20 @@
+"""linear cases: bf16 matmul and the W8A8 composite (act_quant + fp8_gemm) on an Fp8Weight."""
+from deepport.conformance.case import case, fp8_weight, randn
+
+
+def _build(lead, n, k, fp8):
+    def build(g, fmt):
+        x = randn(g, *lead, k)
+        w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5) if fp8 else randn(g, n, k, std=k ** -0.5)
+        return {"x": x, "w": w}
+    return build
+
+
+def cases(tier):
+    shapes = {"quick": [("tokens", (2, 3), 192, 256), ("ragged_n", (4,), 200, 384)],
+              "full": [("wq_a", (2, 4), 1536, 7168), ("wkv_a", (4,), 576, 7168), ("wkv_b", (3,), 32768, 512)]}[tier]
+    out = []
+    for v, lead, n, k in shapes:
+        for dtype in ("bf16", "fp8"):
+            out.append(case("linear", v, dtype, tier, _build(lead, n, k, dtype == "fp8"), reduction=k))
+    return out

@@ -1,0 +1,37 @@
+"""moe_experts cases: routed SwiGLU experts in bf16 and W8A8 fp8, with ids < 0 (other ranks' experts)."""
+import torch
+
+from deepport.conformance.case import case, fp8_weight, randn
+
+
+def _build(m, d, inter, e, k, fp8):
+    def build(g, fmt):
+        x = randn(g, m, d)
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+        ids[0, -1] = -1  # routed to an expert on another rank: contributes nothing
+        weights = torch.rand(m, k, generator=g) + 0.1
+        weights = weights / weights.sum(-1, keepdim=True) * 2.5
+        if fp8:
+            w1, w3 = fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5), fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5)
+            w2 = fp8_weight(g, e, d, inter, fmt=fmt, std=inter ** -0.5)
+        else:
+            w1, w3 = randn(g, e, inter, d, std=d ** -0.5), randn(g, e, inter, d, std=d ** -0.5)
+            w2 = randn(g, e, d, inter, std=inter ** -0.5)
+        return {"x": x, "topk_weights": weights, "topk_ids": ids, "w1": w1, "w2": w2, "w3": w3}
+    return build
+
+
+def cases(tier):
+    shapes = {"quick": [("decode", 3, 256, 128, 8, 3), ("prefill", 24, 256, 128, 8, 3)],
+              "full": [("v3_subset", 16, 7168, 2048, 16, 8)]}[tier]
+    out = []
+    for v, m, d, inter, e, k in shapes:
+        note = f"M={m} D={d} I={inter}, {e} experts, top-{k}"
+        if tier == "full":
+            note += "; real expert shape, 16 of the 256 experts (memory)"
+        for dtype in ("bf16", "fp8"):
+            # the contract rounds gate/up and the SwiGLU product to x.dtype (and act_quant reads them for fp8),
+            # so the reference runs cpu_ref in x.dtype with its fp32 math, not in fp64
+            out.append(case("moe_experts", v, dtype, tier, _build(m, d, inter, e, k, dtype == "fp8"),
+                            reduction=d + inter, note=note, reference="native"))
+    return out

@@ -1,0 +1,77 @@
+"""`deepport conformance`: run the suite on a backend, print the table, write JSON / JUnit / markdown reports."""
+from __future__ import annotations
+
+import sys
+import time
+
+from deepport.core import settings
+
+
+class LineProgress:
+    """One live line on stderr when it is a terminal (and DEEPPORT_PROGRESS is not 0); silent otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = settings.progress_enabled() and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int, text: str) -> None:
+        if self.enabled:
+            line = f"[{done}/{total} {time.perf_counter() - self.t0:5.1f}s] {text}"
+            self.stream.write("\r" + line[:119].ljust(119))
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 119 + "\r")
+            self.stream.flush()
+
+
+def cmd_conformance(a) -> int:
+    from deepport.conformance import report
+    from deepport.conformance.runner import run
+    from deepport.core import registry
+
+    if a.list:
+        from deepport.conformance.cases import all_cases
+
+        for c in all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,)):
+            print(f"{c.name:<40} {c.op:<15} {c.dtype:<5} {c.note}")
+        return 0
+    backend = registry.select(a.backend) if a.backend in (None, "auto") else registry.get_backend(a.backend)
+    dtypes = ("fp8", "bf16") if a.dtype == "all" else (a.dtype,)
+    progress = LineProgress()
+    try:
+        rep = run(backend, tier=a.tier, dtypes=dtypes, ops=_ops(a.ops), fallback=a.fallback, progress=progress,
+                  model_check=a.model_check, cross_check=a.cross_check)
+    finally:
+        progress.close()
+    report.print_table(rep)
+    for path, write in ((a.json, report.write_json), (a.junit, report.write_junit), (a.markdown, report.write_markdown)):
+        if path:
+            write(rep, path)
+            print(f"wrote {path}", file=sys.stderr)
+    return rep.exit_code
+
+
+def _ops(text):
+    return [o.strip() for o in text.split(",") if o.strip()] if text else None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("conformance", help="check a backend op by op against cpu_ref; exit 0 only when nothing fails")
+    p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
+    p.add_argument("--dtype", default="all", choices=("fp8", "bf16", "all"), help="which cases to run (default all)")
+    p.add_argument("--tier", default="quick", choices=("quick", "full"),
+                   help="quick: small shapes (CI, interpreter); full: DeepSeek-V3's real dims")
+    p.add_argument("--ops", default=None, help="comma-separated op names (default: every contract)")
+    p.add_argument("--fallback", default="reference", choices=("reference", "error"),
+                   help="ops the backend lacks run cpu_ref code and report `fallback` (reference) or fail (error)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report (docs/conformance.md)")
+    p.add_argument("--junit", default=None, metavar="FILE", help="write JUnit XML for CI")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown capability matrix")
+    p.add_argument("--model-check", action="store_true", help="add the end-to-end checks on the tiny checkpoint")
+    p.add_argument("--cross-check", default=None, choices=("onnxruntime",),
+                   help="add the ONNX Runtime cross-check of the exported graph")
+    p.add_argument("--list", action="store_true", help="list the cases (name, op, dtype, note) and exit")
+    p.set_defaults(fn=cmd_conformance)

@@ -1,0 +1,55 @@
+"""The one tolerance table: (tolerance class x dtype) -> rtol and a per-sqrt(reduction) atol.
+
+Classes come from deepport.core.ops.TOLERANCE_CLASS. ``atol = ATOL * sqrt(case.reduction)`` (FlagGems'
+rule: accumulation error grows with the square root of the reduction length); the cases' inputs are
+unit-scale, which the base atols assume. A backend loosens a case or op only in its conformance.toml.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deepport.core.ops import TOLERANCE_CLASS
+
+BF16_RTOL = 1.6e-2  # 4 bf16 ulps: one output rounding plus fp32 accumulation-order differences
+FP32_ULP = 2.0 ** -23
+TIE_EPS = 1e-5  # routing: biased scores this close count as a tie (the moe_gate contract's epsilon)
+SAMPLE_TV = 0.05  # sampling: total-variation bound between drawn frequencies and the nucleus distribution
+
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float
+    atol: float
+
+
+# class -> dtype -> (rtol, atol per sqrt(reduction)). fp8 cases produce bf16 outputs (or fp8 codes for quant).
+TABLE: dict[str, dict[str, tuple[float, float]]] = {
+    "norm":        {"bf16": (BF16_RTOL, 1e-5), "fp8": (BF16_RTOL, 1e-5)},
+    "elementwise": {"bf16": (BF16_RTOL, 1e-5), "fp8": (BF16_RTOL, 1e-5)},
+    # fp8: Hopper-style MMAs keep ~14 bits inside a 128-K block before promotion; that is the atol
+    "gemm":        {"bf16": (BF16_RTOL, 1e-5), "fp8": (BF16_RTOL, 1e-4)},
+    "attention":   {"bf16": (BF16_RTOL, 1e-4), "fp8": (BF16_RTOL, 1e-4)},
+    # routing weights are fp32 from fp32 math: tight; sets are compared separately (TIE_EPS)
+    "routing":     {"bf16": (1e-4, 1e-6), "fp8": (1e-4, 1e-6)},
+    # quant: scales within one fp32 ulp; codes are compared as bits in compare.py
+    "quant":       {"bf16": (FP32_ULP, 0.0), "fp8": (FP32_ULP, 0.0)},
+    "exact":       {"bf16": (0.0, 0.0), "fp8": (0.0, 0.0)},
+    "collective":  {"bf16": (0.0, 0.0), "fp8": (0.0, 0.0)},  # world size 1 in the cases: identity
+}
+
+
+def tolerance(case, overrides=None) -> Tol:
+    """Tol for `case`: the table's entry scaled by sqrt(reduction), then a policy override by case name or op.
+
+    overrides: {case name or op: {"rtol": x, "atol": y}} (a Policy's `overrides()`); a case-name entry wins.
+    Override values are absolute (not scaled again).
+    """
+    cls = TOLERANCE_CLASS[case.op]
+    rtol, atol = TABLE[cls][case.dtype]
+    tol = Tol(rtol, atol * math.sqrt(max(case.reduction, 1)))
+    for key in (case.op, case.name):
+        o = (overrides or {}).get(key)
+        if o:
+            tol = Tol(o.get("rtol", tol.rtol), o.get("atol", tol.atol))
+    return tol
