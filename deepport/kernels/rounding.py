@@ -4,10 +4,11 @@ import triton.language as tl
 
 
 @triton.jit
-def round_to_fp8_grid(y, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
+def round_to_fp8_grid(y, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr, NEG_ZERO: tl.constexpr):
     """Round fp32 y to the nearest e4m3 value (3 mantissa bits, min normal exponent FP8_EMIN), ties to even;
-    clamp to +-FP8_MAX. Pure fp32 arithmetic: scaling by powers of two is exact and the magic-number add
-    rounds to nearest even, so the later cast to fp8 has nothing left to round."""
+    clamp to +-FP8_MAX; keep the sign of a zero only where the format has -0 (NEG_ZERO: e4m3fn; in e4m3fnuz
+    that bit pattern is NaN). Scaling by powers of two is exact and the magic-number add rounds to nearest
+    even, so the later cast to fp8 has nothing left to round."""
     bits = y.to(tl.int32, bitcast=True)
     exp = ((bits >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, FP8_EMIN)  # fp8 subnormals share the min-normal exponent's spacing
@@ -15,8 +16,12 @@ def round_to_fp8_grid(y, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
     down = ((127 - 3 + exp) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3)
     t = y * up
     r = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: round to an integer, ties to even
-    r = r * down
-    return tl.minimum(tl.maximum(r, -FP8_MAX), FP8_MAX)
+    r = tl.minimum(tl.maximum(r * down, -FP8_MAX), FP8_MAX)
+    if NEG_ZERO:  # values that round to zero keep their sign, as torch's cast does
+        r = (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    else:
+        r = r + 0.0  # -0.0 + 0.0 = +0.0
+    return r
 
 
 @triton.jit

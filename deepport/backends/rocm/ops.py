@@ -8,11 +8,14 @@ import torch
 
 from deepport.backends import torch_common
 from deepport.core import settings
-from deepport.kernels import rms_norm as _rms_norm, silu_mul as _silu_mul
+from deepport.kernels import (act_quant as _act_quant, fp8_gemm as _fp8_gemm, moe_gate as _moe_gate,
+                              rms_norm as _rms_norm, rope as _rope, silu_mul as _silu_mul,
+                              weight_dequant as _weight_dequant)
 from deepport.kernels.targets import check_fp8_format
 from deepport.kernels.tuning import Tuning
 
 TUNING_PATH = Path(__file__).with_name("tuning.json")
+FP8_NAMES = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}
 
 
 @functools.cache
@@ -38,11 +41,36 @@ def _configs(op: str) -> list[dict]:
 
 
 def _check_fp8(dtype: torch.dtype) -> None:
-    check_fp8_format("hip", arch(), {torch.float8_e4m3fn: "e4m3fn", torch.float8_e4m3fnuz: "e4m3fnuz"}[dtype])
+    check_fp8_format("hip", arch(), FP8_NAMES[dtype])
 
 
 def rms_norm(x, weight, eps, residual=None):
     return _rms_norm.rms_norm(x, weight, eps, residual, configs=_configs("rms_norm"))
+
+
+def rope(x, cos, sin):
+    return _rope.rope(x, cos, sin, configs=_configs("rope"))
+
+
+def act_quant(x, fmt, block=128):
+    _check_fp8(fmt.dtype)
+    return _act_quant.act_quant(x, fmt, block, configs=_configs("act_quant"))
+
+
+def weight_dequant(w, scale_inv, block=128, out_dtype=torch.bfloat16):
+    if w.dtype in FP8_NAMES:
+        _check_fp8(w.dtype)
+    return _weight_dequant.weight_dequant(w, scale_inv, block, out_dtype, configs=_configs("weight_dequant"))
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    if a.dtype in FP8_NAMES:
+        _check_fp8(a.dtype)
+    return _fp8_gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype, configs=_configs("fp8_gemm"))
+
+
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
+    return _moe_gate.moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, configs=_configs("moe_gate"))
 
 
 def silu_mul(x):
@@ -51,6 +79,11 @@ def silu_mul(x):
 
 OPS = {
     "rms_norm": rms_norm,
+    "rope": rope,
+    "act_quant": act_quant,
+    "weight_dequant": weight_dequant,
+    "fp8_gemm": fp8_gemm,
+    "moe_gate": moe_gate,
     "silu_mul": silu_mul,
     "sample": torch_common.sample,
     "all_reduce": torch_common.all_reduce,
