@@ -1,0 +1,129 @@
+"""Export deepport's own graph (core/model.py) to ONNX: prefill, or one decode step over the latent cache.
+
+The Transformer is built with the export op table (deepport/onnx/nodes.py): each contract call becomes a
+`deepport.<function>` node whose body (deepport/onnx/functions.py) is attached to the model as an ONNX
+function; the torch ops between contract calls are exported by torch.onnx's TorchScript exporter.
+FP8 weights stay Float8E4M3FN (or E4M3FNUZ) initializers with 128x128 block scales, dequantised inside
+the nodes by blocked DequantizeLinear; activations are quantised by blocked QuantizeLinear (1x128).
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+import deepport
+from deepport import models
+from deepport.core import checkpoint
+from deepport.core.errors import ConfigError, DeepportError
+from deepport.core.formats import E4M3FN, Fp8Format
+from deepport.core.model import Transformer
+from deepport.onnx import functions, nodes
+
+TORCH_OPSET = 20  # the TorchScript exporter's highest; the model is then stamped opset 21 (see _finish)
+EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to a side file (protobuf's 2 GiB limit)
+# Activation dtype per --dtype: fp8 keeps fp8 weights with fp32 activations, so onnxruntime's CPU EP
+# (which lacks bf16 kernels for most ops) runs the export; a vendor EP may cast activations to bf16.
+ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float32}
+
+
+def build(model=None, dtype: str = "fp32", fmt: Fp8Format = E4M3FN) -> Transformer:
+    """A Transformer on CPU bound to the export op table, weights loaded from `model` (dir, preset or None)."""
+    if dtype not in ACT_DTYPES:
+        raise ConfigError(f"unknown export dtype {dtype!r}; use one of {', '.join(ACT_DTYPES)}")
+    path = models.resolve(model, fp8=dtype == "fp8")
+    args, _ = checkpoint.read_config(path)
+    fp8 = fmt if dtype == "fp8" else None
+    t = Transformer(args, nodes.table(fp8), dtype=ACT_DTYPES[dtype], fp8=fp8, device="meta")
+    checkpoint.load_into(t, path, ACT_DTYPES[dtype], fp8, torch.device("cpu"))
+    t.inv_freq = t.inv_freq.cpu()
+    t.source = str(path)
+    return t.eval()
+
+
+class Prefill(nn.Module):
+    """input_ids [B, S] -> logits [B, S, V] and MTP logits [B, S-1, V] (position i: h_i with token i+1)."""
+
+    def __init__(self, t: Transformer):
+        super().__init__()
+        self.t = t
+
+    def forward(self, input_ids):
+        h = self.t(input_ids)
+        logits = self.t.logits(h)
+        if not self.t.args.n_mtp_layers:
+            return logits
+        return logits, self.t.logits(self.t.mtp_forward(h[:, :-1], input_ids[:, 1:]))
+
+
+def _metadata(t: Transformer, dtype: str, kind: str, fmt: Fp8Format | None) -> dict[str, str]:
+    cfg = {k: v for k, v in asdict(t.args).items()}
+    meta = {"deepport_version": deepport.__version__, "deepport_config": json.dumps(cfg, default=str),
+            "deepport_dtype": dtype, "deepport_graph": kind, "deepport_source": getattr(t, "source", "")}
+    if fmt is not None:
+        meta["deepport_fp8_format"] = fmt.name
+    return meta
+
+
+def _trace(module: nn.Module, example: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
+    for m in module.modules():  # absorbed W_UK/W_UV caches would be traced as constants
+        if hasattr(m, "_absorbed"):
+            m._absorbed = None
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buf, dynamo=False, opset_version=TORCH_OPSET,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes, custom_opsets={functions.DOMAIN: functions.DOMAIN_VERSION},
+                          do_constant_folding=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _finish(m: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
+    """Attach the deepport-domain functions, stamp opset 21 (blocked Q/DQ), record metadata."""
+    for op in m.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = functions.OPSET
+    m.ir_version = max(m.ir_version, 10)
+    del m.functions[:]
+    m.functions.extend(functions.functions())
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    m.producer_name, m.producer_version = "deepport", deepport.__version__
+    return m
+
+
+def prefill_model(t: Transformer, dtype: str = "fp32", seq_len: int = 4) -> onnx.ModelProto:
+    """The prefill graph with dynamic batch and sequence length (S >= 2 when the model has an MTP module)."""
+    g = torch.Generator().manual_seed(0)
+    example = torch.randint(0, t.args.vocab_size, (1, max(seq_len, 2)), generator=g)
+    outs = ["logits", "mtp_logits"] if t.args.n_mtp_layers else ["logits"]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    if t.args.n_mtp_layers:
+        axes["mtp_logits"] = {0: "batch", 1: "seq_minus_1"}
+    m = _trace(Prefill(t), (example,), ["input_ids"], outs, axes)
+    return _finish(m, _metadata(t, dtype, "prefill", t.ops.fp8))
+
+
+def save(m: onnx.ModelProto, output: str | Path, check: bool = True) -> Path:
+    """Write the model (weights in `<output>.data` beside it when large) and run onnx.checker with full_check."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    external = m.ByteSize() > EXTERNAL_DATA_BYTES
+    if external:
+        onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(m, str(out))
+    if check:
+        try:
+            onnx.checker.check_model(str(out), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise DeepportError(f"exported model {out} fails onnx.checker: {e}") from e
+    return out
