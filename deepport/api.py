@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from deepport import models
-from deepport.core import checkpoint, registry
+from deepport.core import checkpoint, distributed, parallel, registry
 from deepport.core.errors import DeepportError
 from deepport.core.generate import generate as _generate
 from deepport.core.model import Transformer
@@ -26,8 +26,16 @@ class GenerationResult:
 class Model:
     """A DeepSeek-V3 model bound to one backend's op table."""
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, path: Path, dtype: str, table):
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, path: Path, dtype: str, table,
+                 world=None):
         self.transformer, self.tokenizer, self.path, self.dtype, self.table = transformer, tokenizer, path, dtype, table
+        self.world = world  # distributed.World under tensor/expert parallelism, else None
+        self.shard_plan = None  # parallel.ShardPlan: what this rank read of the checkpoint
+
+    @property
+    def is_rank0(self) -> bool:
+        """True on the rank that prints (always, without parallelism)."""
+        return self.world is None or self.world.is_rank0
 
     @property
     def backend(self) -> str:
@@ -99,17 +107,30 @@ def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
     raise DeepportError(f"backend {backend.name!r} declares no usable dtype")
 
 
-def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None) -> Model:
+def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None, tp: int = 1, ep: int = 1,
+         timeout_s: float = 300.0) -> Model:
+    """tp/ep > 1: tensor/expert parallelism over torch.distributed; run under torchrun with tp x ep processes
+    (see docs/parallel.md). Each rank reads only its shard of the checkpoint."""
     b = registry.select(backend)
+    layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
     want_fp8 = dtype in ("fp8", "auto")
-    path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
+    with distributed.one_rank_at_a_time(layout):  # presets are materialised once per host
+        path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
     args, cfg = checkpoint.read_config(path)
     dtype = _pick_dtype(dtype, b, ckpt_fp8=args.fp8_block is not None)
     table = registry.bind(b, fallback=fallback)
     dev = torch.device(device) if device else table.device
     fp8 = table.fp8 if dtype == "fp8" else None
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
-    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev)
+    world = plan = None
+    if layout is not None:
+        parallel.check_split(args, layout, fp8 is not None)  # every rank refuses before any collective
+        world = distributed.init(layout, b.dist_backend, b.device_type, timeout_s)
+        plan = parallel.apply(t, world, fp8 is not None)
+        dev = distributed.device_for(world, dev)
+    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan)
     t.inv_freq = t.inv_freq.to(dev)
     t.eval()
-    return Model(t, Tokenizer.from_dir(path), path, dtype, table)
+    m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)
+    m.shard_plan = plan
+    return m

@@ -137,15 +137,25 @@ def shard_files(path: Path) -> dict[str, list[str]]:
     return {f.name: None for f in found}
 
 
-def iter_tensors(path: Path, what: str = "checkpoint"):
-    """Yield (name, tensor) over all shards, memory-mapped, one shard open at a time, with progress."""
+def iter_tensors(path: Path, what: str = "checkpoint", select=None):
+    """Yield (name, tensor) over all shards, memory-mapped, one shard open at a time, with progress.
+
+    `select(name, shape, dtype) -> region` reads part of a tensor (a rank's shard): None skips it, a tuple
+    of slices reads only those bytes of the mapped file, () reads it whole.
+    """
     files = shard_files(path)
     for i, (fname, names) in enumerate(files.items()):
         _progress(i, len(files), what)
         try:
             with safe_open(str(path / fname), framework="pt", device="cpu") as f:
                 for name in (names if names is not None else f.keys()):
-                    yield name, f.get_tensor(name)
+                    if select is None:
+                        yield name, f.get_tensor(name)
+                        continue
+                    part = f.get_slice(name)
+                    region = select(name, tuple(part.get_shape()), part.get_dtype())
+                    if region is not None:
+                        yield name, (part[region] if region else f.get_tensor(name))
         except CheckpointError:
             raise
         except Exception as e:
@@ -154,10 +164,10 @@ def iter_tensors(path: Path, what: str = "checkpoint"):
     _progress(len(files), len(files), what)
 
 
-def _fp8_pairs(path: Path):
+def _fp8_pairs(path: Path, select=None):
     """Yield (name, tensor, scale_inv or None), pairing fp8 weights with their scales across shards."""
     pending_w, pending_s = {}, {}
-    for name, t in iter_tensors(path):
+    for name, t in iter_tensors(path, select=select):
         if name.endswith(".weight_scale_inv"):
             base = name[: -len("_scale_inv")]
             if base in pending_w:
@@ -184,14 +194,26 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
 
     fp8 weights stay fp8 when `fp8` is given (re-encoded to e4m3fnuz if that is the target format) or are
     dequantised to `dtype`; BF16 checkpoints are block-quantised at load when fp8 is requested.
-    `shard(name, tensor, spec) -> tensor` (parallel.py) may slice each tensor for this rank.
+    `shard` (parallel.ShardPlan) makes each rank read only its slices: `shard.region(name, spec, shape,
+    dtype)` picks what to read (None: another rank's expert), `shard.place(name, value, scale, spec)`
+    trims the read window and renumbers local experts.
     """
     path = Path(path)
     args = model.args
     specs = hf_specs(args)
-    seen = set()
+    seen, skipped, shapes = set(), set(), {}
     stacked: dict[str, torch.Tensor] = {}
-    for name, t, scale in _fp8_pairs(path):
+
+    def select(name, shape, dtype):
+        shapes[name] = shape
+        if shard is None:
+            return ()
+        region = shard.region(name, specs.get(name.removesuffix("_scale_inv")), shape, dtype)
+        if region is None:
+            skipped.add(name)
+        return region
+
+    for name, t, scale in _fp8_pairs(path, select):
         spec = specs.get(name)
         if spec is None:
             if _SHARED_COPIES.search(name) or re.match(r"model\.layers\.(\d+)\.", name) and \
@@ -200,17 +222,17 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raise CheckpointError(f"unexpected tensor {name} in {path}; the checkpoint does not match config.json")
-        if tuple(t.shape) != spec.shape:
-            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {spec.shape} from config.json; "
+        if shapes.get(name, tuple(t.shape)) != spec.shape:
+            raise CheckpointError(f"tensor {name} has shape {shapes[name]}, expected {spec.shape} from config.json; "
                                   f"the checkpoint and its config disagree")
         if scale is not None and not spec.fp8:
             raise CheckpointError(f"tensor {name} is fp8 but deepport keeps it unquantised; convert it to bf16 first")
         seen.add(name)
         value, value_scale = _convert(name, t, scale, spec, dtype, fp8)
         if shard is not None:
-            value, value_scale = shard(name, value, value_scale, spec)
+            value, value_scale, spec = shard.place(name, value, value_scale, spec)
         _assign(model, spec, value, value_scale, device, stacked, args)
-    missing = [n for n in specs if n not in seen]
+    missing = [n for n in specs if n not in seen and n not in skipped]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}; "
                               f"it is incomplete or was written for another config")
@@ -254,7 +276,7 @@ def _assign(model, spec: Spec, value, scale, device, stacked, args) -> None:
         if scale is not None:
             mod.scale_inv = torch.nn.Parameter(scale.to(device), requires_grad=False)
         return
-    n = args.n_routed_experts
+    n = getattr(mod, attr).shape[0]  # this rank's experts (all of them without expert parallelism)
     for suffix, v in (("", value), ("_scale_inv", scale)):
         if v is None:
             continue
