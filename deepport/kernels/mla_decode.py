@@ -179,3 +179,30 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale,
         C=c, BLOCK_C=_pow2(c), BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
         OUT_BF16=q_latent.dtype == torch.bfloat16, num_warps=options.get("num_warps", 4))
     return out
+
+
+def compile_specs(target):
+    sig = {"ql_ptr": "*bf16", "qpe_ptr": "*bf16", "kv_ptr": "*bf16", "pe_ptr": "*bf16", "bt_ptr": "*i32",
+           "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "S": "i32", "H": "i32", "scale": "fp32",
+           "SPLIT_LEN": "i32",
+           **{n: "i32" for n in ("stride_ql_b", "stride_ql_s", "stride_ql_h", "stride_qpe_b", "stride_qpe_s",
+                                 "stride_qpe_h", "stride_kv_nb", "stride_kv_p", "stride_pe_nb", "stride_pe_p",
+                                 "stride_bt_b", "stride_po_b", "stride_po_r", "stride_po_s", "stride_pml_b",
+                                 "stride_pml_r", "stride_pml_s")},
+           **{c: "constexpr" for c in ("C", "R", "BLOCK_C", "BLOCK_R", "P", "LOWP_DOT", "BLOCK_M", "BLOCK_N")}}
+    consts = {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "P": 64, "LOWP_DOT": True, "BLOCK_M": 64,
+              "BLOCK_N": 32}
+    combine_sig = {"part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "o_ptr": "*bf16", "S": "i32", "H": "i32",
+                   "N_SPLITS": "i32",
+                   **{n: "i32" for n in ("stride_po_b", "stride_po_r", "stride_po_s", "stride_pml_b", "stride_pml_r",
+                                         "stride_pml_s", "stride_o_b", "stride_o_s", "stride_o_h")},
+                   **{c: "constexpr" for c in ("C", "BLOCK_C", "BLOCK_SPLITS", "OUT_BF16")}}
+    combine_consts = {"C": 512, "BLOCK_C": 512, "BLOCK_SPLITS": 16, "OUT_BF16": True}
+    if target.backend == "cuda":  # 64 query rows x 576 against the latent: two warpgroups, wgmma on bf16
+        opts, expect = {"num_warps": 8, "num_stages": 2}, (r"wgmma\.mma_async\S*\.f32\.bf16\.bf16",)
+    else:
+        opts = {"num_warps": 8, "num_stages": 1, "matrix_instr_nonkdim": 16, "kpack": 1}
+        expect = (r"v_mfma_f32_\w*bf16",)
+    return [CompileSpec("mla_decode[bf16,512+64]", mla_decode_kernel, sig, consts, opts, expect),
+            CompileSpec("mla_decode_combine[bf16]", mla_decode_combine_kernel, combine_sig, combine_consts,
+                        {"num_warps": 4})]

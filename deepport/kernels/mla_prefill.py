@@ -130,3 +130,19 @@ def mla_prefill(q, k, v, causal, scale, *, configs=None):
                 CAUSAL=bool(causal), LOWP_DOT=_lowp_dot(q.dtype), OUT_BF16=q.dtype == torch.bfloat16),
            key=("S", "T", "H"))
     return out
+
+
+def compile_specs(target):
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "S": "i32", "T": "i32", "H": "i32",
+           "scale": "fp32", **{f"stride_{t}_{d}": "i32" for t, dims in (("q", "bsh"), ("k", "bth"), ("v", "bth"),
+                                                                          ("o", "bsh")) for d in dims},
+           **{c: "constexpr" for c in ("DK1", "DK2", "DV", "BLOCK_DV", "CAUSAL", "LOWP_DOT", "OUT_BF16",
+                                       "BLOCK_M", "BLOCK_N")}}
+    consts = {"DK1": 128, "DK2": 64, "DV": 128, "BLOCK_DV": 128, "CAUSAL": True, "LOWP_DOT": True, "OUT_BF16": True,
+              "BLOCK_M": 64, "BLOCK_N": 64}
+    if target.backend == "cuda":  # Hopper: warpgroup MMA on bf16 operands for both QK^T and PV
+        opts, expect = {"num_warps": 4, "num_stages": 2}, (r"wgmma\.mma_async\S*\.f32\.bf16\.bf16",)
+    else:  # CDNA3/CDNA4 bf16 MFMA; one stage for a fused two-GEMM loop (LDS budget)
+        opts = {"num_warps": 4, "num_stages": 1, "matrix_instr_nonkdim": 16, "kpack": 1}
+        expect = (r"v_mfma_f32_\w*bf16",)
+    return [CompileSpec("mla_prefill[bf16,192/128,causal]", mla_prefill_kernel, sig, consts, opts, expect)]
