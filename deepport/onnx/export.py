@@ -23,7 +23,7 @@ from deepport import models
 from deepport.core import checkpoint
 from deepport.core.errors import ConfigError, DeepportError
 from deepport.core.formats import E4M3FN, Fp8Format
-from deepport.core.model import Transformer
+from deepport.core.model import AttnContext, Transformer
 from deepport.onnx import functions, nodes
 
 TORCH_OPSET = 20  # the TorchScript exporter's highest; the model is then stamped opset 21 (see _finish)
@@ -60,6 +60,109 @@ class Prefill(nn.Module):
         if not self.t.args.n_mtp_layers:
             return logits
         return logits, self.t.logits(self.t.mtp_forward(h[:, :-1], input_ids[:, 1:]))
+
+
+class ExportCache:
+    """The latent cache as graph values: `write` scatters out of place, so the updated pools become outputs."""
+
+    def __init__(self, kv: list, pe: list, cache_lens: torch.Tensor, block_table: torch.Tensor):
+        self.kv, self.pe, self.cache_lens, self.block_table = kv, pe, cache_lens, block_table
+
+    def write(self, layer: int, slots, kv, pe) -> None:
+        flat = slots.reshape(-1)
+        for pool, new in ((self.kv, kv), (self.pe, pe)):
+            rows = pool[layer].reshape(-1, pool[layer].shape[-1])
+            rows = rows.index_put((flat,), new.reshape(-1, new.shape[-1]).to(rows.dtype))
+            pool[layer] = rows.reshape(pool[layer].shape)
+
+    def advance(self, rows, n_new) -> None:  # lengths are the caller's: cache_lens + S after the step
+        pass
+
+
+def _cache_context(t: Transformer):
+    """Transformer._context for a graph: positions, slots and lengths computed from the cache's tensors."""
+
+    def context(b, s, cache: ExportCache, rows, device) -> AttnContext:
+        page = cache.kv[0].shape[1]
+        pos = cache.cache_lens.unsqueeze(1) + torch.arange(s, device=device)  # [B, S] int64
+        angles = pos.float().unsqueeze(-1) * t.inv_freq  # [B, S, R/2]
+        factor = t.args.rope_attention_factor
+        ctx = AttnContext(torch.cos(angles) * factor, torch.sin(angles) * factor, fresh=False)
+        ctx.cache, ctx.block_table = cache, cache.block_table
+        ctx.slots = cache.block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
+        ctx.seq_lens = (cache.cache_lens + s).to(torch.int32)
+        return ctx
+
+    return context
+
+
+class DecodeStep(nn.Module):
+    """S new tokens per sequence over the paged latent cache (explicit inputs and outputs).
+
+    Inputs: input_ids [B, S], cache_lens [B] int64 (tokens already cached), block_table [B, max_blocks]
+    int32, then kv_cache.<i> [NB, P, C] and pe_cache.<i> [NB, P, R] per layer (then mtp_kv_cache.0,
+    mtp_pe_cache.0). Outputs: logits [B, S, V], mtp_logits [B, S, V] (the MTP module on h with the greedy
+    next token, the draft of speculative decoding), then every updated cache pool in input order.
+    """
+
+    def __init__(self, t: Transformer):
+        super().__init__()
+        self.t = t
+
+    def forward(self, input_ids, cache_lens, block_table, *pools):
+        t, n = self.t, self.t.args.n_layers
+        main = ExportCache(list(pools[0:2 * n:2]), list(pools[1:2 * n:2]), cache_lens, block_table)
+        h = t(input_ids, cache=main)
+        logits = t.logits(h)
+        outs = [logits]
+        caches = [main]
+        if t.args.n_mtp_layers:
+            mtp = ExportCache([pools[2 * n]], [pools[2 * n + 1]], cache_lens, block_table)
+            outs.append(t.logits(t.mtp_forward(h, logits.argmax(-1), cache=mtp)))
+            caches.append(mtp)
+        for c in caches:
+            for kv, pe in zip(c.kv, c.pe):
+                outs += [kv, pe]
+        return tuple(outs)
+
+
+def pool_names(t: Transformer) -> list[str]:
+    names = []
+    for i in range(t.args.n_layers):
+        names += [f"kv_cache.{i}", f"pe_cache.{i}"]
+    if t.args.n_mtp_layers:
+        names += ["mtp_kv_cache.0", "mtp_pe_cache.0"]
+    return names
+
+
+def decode_model(t: Transformer, dtype: str = "fp32", block_size: int = 16) -> onnx.ModelProto:
+    """One decode step (any S new tokens, cache_lens may be 0) with the latent cache as inputs and outputs."""
+    a = t.args
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.vocab_size, (1, 2), generator=g)
+    n_blocks = 4
+    pools = []
+    for name in pool_names(t):
+        width = a.kv_lora_rank if "kv_cache" in name else a.qk_rope_head_dim
+        pools.append(torch.randn(n_blocks, block_size, width, generator=g).to(t.dtype))
+    example = (ids, torch.tensor([3]), torch.tensor([[2, 0, 3, 1]], dtype=torch.int32), *pools)
+    outs = ["logits"] + (["mtp_logits"] if a.n_mtp_layers else []) + [n + ".out" for n in pool_names(t)]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "cache_lens": {0: "batch"},
+            "block_table": {0: "batch", 1: "max_blocks"}, "logits": {0: "batch", 1: "seq"}}
+    if a.n_mtp_layers:
+        axes["mtp_logits"] = {0: "batch", 1: "seq"}
+    for n in pool_names(t):
+        axes[n] = axes[n + ".out"] = {0: "n_blocks", 1: "block_size"}
+    saved = t.__dict__.get("_context")
+    t._context = _cache_context(t)
+    try:
+        m = _trace(DecodeStep(t), example, ["input_ids", "cache_lens", "block_table", *pool_names(t)], outs, axes)
+    finally:
+        if saved is None:
+            del t._context
+        else:
+            t._context = saved
+    return _finish(m, _metadata(t, dtype, "decode", t.ops.fp8))
 
 
 def _metadata(t: Transformer, dtype: str, kind: str, fmt: Fp8Format | None) -> dict[str, str]:

@@ -12,6 +12,9 @@ from deepport.onnx.functions import DOMAIN, FP8_TYPES
 from deepport.onnx.runtime import TORCH_TO_ONNX
 
 
+RECORD: list | None = None  # when a list, every node call appends (function, args, outputs): node-by-node checks
+
+
 def _node(function: str, impl, attrs: tuple[str, ...], outputs: int = 1):
     """An autograd.Function whose forward is `impl(*tensors, *attrs)` and whose ONNX form is one node."""
 
@@ -19,9 +22,12 @@ def _node(function: str, impl, attrs: tuple[str, ...], outputs: int = 1):
         state = torch._C._get_tracing_state()  # the node is opaque: do not trace cpu_ref's inner ops
         torch._C._set_tracing_state(None)
         try:
-            return impl(*args)
+            out = impl(*args)
         finally:
             torch._C._set_tracing_state(state)
+        if RECORD is not None:
+            RECORD.append((function, args, out if isinstance(out, tuple) else (out,)))
+        return out
 
     def symbolic(g, *args):
         tensors, values = args[:len(args) - len(attrs)], args[len(args) - len(attrs):]
