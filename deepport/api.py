@@ -118,6 +118,9 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
         path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
     args, cfg = checkpoint.read_config(path)
     dtype = _pick_dtype(dtype, b, ckpt_fp8=args.fp8_block is not None)
+    if args.fp8_block is not None and dtype != "fp8" and "fp8" in b.dtypes and b.resolve_fp8_format() is None:
+        registry.warn(f"backend {b.name!r} has no fp8 on this device: "
+                      f"dequantising the FP8 checkpoint to {dtype} at load")
     table = registry.bind(b, fallback=fallback)
     dev = torch.device(device) if device else table.device
     fp8 = table.fp8 if dtype == "fp8" else None
