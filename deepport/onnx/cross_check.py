@@ -1,0 +1,151 @@
+"""Cross-check cpu_ref with an implementation nobody here wrote: each op's ONNX function run by onnxruntime
+(CPU EP) on the conformance suite's case inputs, judged with the suite's tolerance table and comparisons.
+
+Not cross-checked (status skip, with the reason): sampling at temperature > 0 (ONNX has no way to replay
+torch.Generator's exponential draws; the greedy case is checked) and all_to_all with split sizes other
+than one rank's. all_reduce / all_to_all are identities in one process, as the contracts say.
+"""
+from __future__ import annotations
+
+import time
+
+import onnx
+import torch
+from onnx import helper as oh
+
+from deepport.core.formats import Fp8Weight
+from deepport.onnx import functions as F
+from deepport.onnx import runtime
+from deepport.onnx.runtime import TORCH_TO_ONNX
+
+LABEL = "onnxruntime"
+
+
+def _call(case, inputs: dict):
+    """(function name, {input name: tensor}, attributes) for one contract call, or (None, reason, None)."""
+    op, a = case.op, inputs
+    if op == "rms_norm":
+        if a.get("residual") is None:
+            return "rms_norm", {"x": a["x"], "weight": a["weight"]}, {"eps": float(a["eps"])}
+        return "rms_norm_residual", {"x": a["x"], "residual": a["residual"], "weight": a["weight"]}, \
+            {"eps": float(a["eps"])}
+    if op == "rope":
+        return "rope", {k: a[k] for k in ("x", "cos", "sin")}, {}
+    if op == "act_quant":
+        fmt = a["fmt"]
+        return "act_quant", {"x": a["x"]}, {"act_max": float(fmt.act_max), "block": int(a.get("block", 128)),
+                                             "fp8_type": F.FP8_TYPES[fmt.name]}
+    if op == "weight_dequant":
+        return "weight_dequant", {"w": a["w"], "scale_inv": a["scale_inv"]}, \
+            {"block": int(a.get("block", 128)), "to": TORCH_TO_ONNX[a.get("out_dtype", torch.bfloat16)]}
+    if op == "fp8_gemm":
+        return "fp8_gemm", {k: a[k] for k in ("a", "a_scale", "b", "b_scale")}, \
+            {"to": TORCH_TO_ONNX[a.get("out_dtype", torch.bfloat16)]}
+    if op == "linear":
+        w = a["w"]
+        if isinstance(w, Fp8Weight):
+            return "linear_fp8", {"x": a["x"], "w": w.weight, "scale_inv": w.scale_inv}, _fp8_attrs(w)
+        return "linear", {"x": a["x"], "w": w}, {}
+    if op == "mla_prefill":
+        return "mla_prefill", {k: a[k] for k in ("q", "k", "v")}, \
+            {"causal": int(bool(a["causal"])), "scale": float(a["scale"])}
+    if op == "mla_decode":
+        names = ("q_latent", "q_pe", "kv_cache", "pe_cache", "block_table", "seq_lens")
+        return "mla_decode", {k: a[k] for k in names}, {"scale": float(a["scale"])}
+    if op == "moe_gate":
+        return "moe_gate", {k: a[k] for k in ("x", "weight", "bias")}, \
+            {"n_groups": int(a["n_groups"]), "topk_groups": int(a["topk_groups"]), "topk": int(a["topk"]),
+             "route_scale": float(a["route_scale"])}
+    if op == "moe_experts":
+        base = {k: a[k] for k in ("x", "topk_weights", "topk_ids")}
+        if isinstance(a["w1"], Fp8Weight):
+            for n in ("w1", "w2", "w3"):
+                base[n], base[n + "_scale_inv"] = a[n].weight, a[n].scale_inv
+            return "moe_experts_fp8", base, _fp8_attrs(a["w1"])
+        return "moe_experts", {**base, **{n: a[n] for n in ("w1", "w2", "w3")}}, {}
+    if op == "silu_mul":
+        return "silu_mul", {"x": a["x"]}, {}
+    if op == "sample":
+        if a["temperature"] > 0:
+            return None, ("sampling at temperature > 0 draws from torch.Generator's stream, which ONNX cannot "
+                          "replay; the greedy case is cross-checked"), None
+        return "sample_greedy", {"logits": a["logits"]}, {}
+    if op == "all_reduce":
+        return "all_reduce", {"x": a["x"]}, {}
+    if op == "all_to_all":
+        m = a["x"].shape[0]
+        if list(a["output_split_sizes"]) != [m] or list(a["input_split_sizes"]) != [m]:
+            return None, "all_to_all across ranks has no single-process ONNX form (identity for one rank only)", None
+        return "all_to_all", {"x": a["x"]}, {}
+    return None, f"no ONNX function for op {op!r}", None
+
+
+def _fp8_attrs(w: Fp8Weight) -> dict:
+    return {"act_max": float(w.fmt.act_max), "fp8_type": F.FP8_TYPES[w.fmt.name]}
+
+
+def single_node_model(function: str, feeds: dict, attrs: dict, out_dtypes, out_shapes,
+                      overrides: dict | None = None) -> onnx.ModelProto:
+    """A model holding one deepport-domain node (plus every function body) with typed, shaped I/O."""
+    outs = [f"out{i}" for i in range(len(out_dtypes))]
+    node = oh.make_node(function, list(feeds), outs, domain=F.DOMAIN, **attrs)
+    inputs = [oh.make_tensor_value_info(k, TORCH_TO_ONNX[v.dtype], list(v.shape)) for k, v in feeds.items()]
+    outputs = [oh.make_tensor_value_info(n, TORCH_TO_ONNX[dt], list(shape))
+               for n, dt, shape in zip(outs, out_dtypes, out_shapes)]
+    graph = oh.make_graph([node], f"{function}_case", inputs, outputs)
+    m = oh.make_model(graph, functions=F.functions(overrides),
+                      opset_imports=[oh.make_opsetid("", F.OPSET), oh.make_opsetid(F.DOMAIN, F.DOMAIN_VERSION)])
+    m.ir_version = max(m.ir_version, 10)
+    return m
+
+
+def run_case(case, overrides: dict | None = None):
+    """One case through onnxruntime; returns a conformance CaseResult (never raises)."""
+    from deepport.conformance.compare import Outcome, compare
+    from deepport.conformance.reference import expected
+    from deepport.conformance.report import CaseResult
+    from deepport.conformance.tolerances import tolerance
+
+    tol = tolerance(case)
+    res = CaseResult(case.op, f"{case.name}@{LABEL}", case.dtype, "fail", LABEL, rtol=tol.rtol, atol=tol.atol)
+    t0 = time.perf_counter()
+    try:
+        inputs = case.make(device="cpu")
+        want = expected(case, inputs)
+        function, feeds, attrs = _call(case, inputs)
+    except Exception as e:
+        res.reason = f"building the case or its reference failed: {type(e).__name__}: {e}"
+        return res
+    if function is None:
+        res.status, res.impl, res.reason = "skip", "", feeds
+        return res
+    try:
+        model = single_node_model(function, feeds, attrs, want.dtypes, want.shapes, overrides)
+        onnx.checker.check_model(model, full_check=True)
+        got = tuple(runtime.run(runtime.session(model), feeds))
+        outcome = compare(case, got if len(got) > 1 else got[0], want, tol)
+    except Exception as e:
+        outcome = Outcome(False, detail=f"onnxruntime could not run deepport.{function}: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}")
+    res.seconds = time.perf_counter() - t0
+    res.max_abs, res.max_rel = outcome.max_abs, outcome.max_rel
+    res.status = "pass" if outcome.ok else "fail"
+    res.reason = outcome.detail
+    return res
+
+
+def run(*, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None, progress=None, overrides=None) -> list:
+    """Cross-check every case of `tier` (ops, dtypes) in onnxruntime against cpu_ref; list of CaseResult.
+
+    progress: optional callable, called as progress(done, total, text) after each case.
+    overrides: {function name: FunctionProto} replacing bodies (tests use it to prove a wrong body fails).
+    """
+    from deepport.conformance.cases import all_cases
+
+    cases = all_cases(tier, ops, tuple(dtypes))
+    results = []
+    for i, case in enumerate(cases):
+        results.append(run_case(case, overrides))
+        if progress:
+            progress(i + 1, len(cases), f"{results[-1].case} {results[-1].status}")
+    return results
