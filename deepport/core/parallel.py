@@ -175,10 +175,22 @@ def _resize(lin: Linear, out_features: int, in_features: int) -> None:
 
 
 def _row_parallel(lin: Linear, ops, group) -> None:
-    """Row-parallel output: partial products summed over the group in fp32, rounded once."""
-    def reduce(module, inputs, out):
-        return ops.all_reduce(out.float(), group).to(out.dtype)
+    """Row-parallel output: partial products summed over the group in fp32, rounded once to x.dtype.
 
+    An fp8 weight takes its partial in fp32 straight from fp8_gemm (act_quant of the fp32 copy of x gives
+    the same codes and scales), so TP differs from one device only in the fp32 summation order.
+    """
+    fp8 = lin.scale_inv is not None
+    out_dtype = []
+
+    def widen(module, inputs):
+        out_dtype.append(inputs[0].dtype)
+        return (inputs[0].float(), *inputs[1:]) if fp8 else None
+
+    def reduce(module, inputs, out):
+        return ops.all_reduce(out.float(), group).to(out_dtype.pop())
+
+    lin.register_forward_pre_hook(widen)
     lin.register_forward_hook(reduce)
 
 
@@ -270,6 +282,8 @@ class ParallelMoE(nn.Module):
             routed = self.ops.moe_experts(xc, weights, ids, e.get("w1"), e.get("w2"), e.get("w3")).float()
         out = torch.zeros(m, d, dtype=torch.float32, device=x.device)
         if hi > lo:
+            if lay.tp == 1:  # whole experts: round as one device does (routed sum, then + shared, in x.dtype)
+                routed = routed.to(x.dtype).float()
             out[lo:hi] = routed + self.shared_experts(xc).float()
         # Sums TP partials (expert and shared I shards) and places every EP rank's token slice.
         return self.ops.all_reduce(out, self.world.group).to(x.dtype).view(shape)
