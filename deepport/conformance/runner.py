@@ -133,9 +133,9 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
     order = {c.name: i for i, c in enumerate(cases)}
     results.sort(key=lambda r: order[r.case])
     if model_check:
-        results += _model_check(b, dtypes, progress)
+        results += _model_check(b, dtypes, fallback, _Steps(progress, len(results)))
     if cross_check:
-        results += _cross_check(cross_check, tier, dtypes, ops, progress)
+        results += _cross_check(cross_check, tier, dtypes, ops, _Steps(progress, len(results)))
     meta = {"dtypes": list(dtypes), "fallback": fallback, "device": str(b.device()),
             "fp8_format": fmt.name if fmt else None, "ops": list(ops) if ops else None,
             "versions": {"deepport": _version("deepport"), "python": platform.python_version(),
@@ -144,7 +144,19 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
     return Report(b.name, b.evidence_label(), tier, results, pol.as_list(), meta)
 
 
-def _model_check(b, dtypes, progress) -> list[CaseResult]:
+class _Steps:
+    """Progress for the add-on checks: they report `progress(text)` (or the full form); count on from `done`."""
+
+    def __init__(self, progress, done: int):
+        self.progress, self.done = progress, done
+
+    def __call__(self, *args) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.done, str(args[-1]))
+
+
+def _model_check(b, dtypes, fallback, progress) -> list[CaseResult]:
     try:
         from deepport.conformance import model_check
     except ImportError as e:
@@ -152,7 +164,7 @@ def _model_check(b, dtypes, progress) -> list[CaseResult]:
             raise
         raise ConfigError("--model-check needs deepport/conformance/model_check.py, which this installation "
                           "lacks; update deepport or drop --model-check") from None
-    return list(model_check.run(b, dtypes=dtypes, progress=progress))
+    return list(model_check.run(b, dtypes=dtypes, progress=progress, fallback=fallback))
 
 
 def _cross_check(kind, tier, dtypes, ops, progress) -> list[CaseResult]:
