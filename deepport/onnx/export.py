@@ -8,8 +8,12 @@ the nodes by blocked DequantizeLinear; activations are quantised by blocked Quan
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -118,7 +122,8 @@ class DecodeStep(nn.Module):
         caches = [main]
         if t.args.n_mtp_layers:
             mtp = ExportCache([pools[2 * n]], [pools[2 * n + 1]], cache_lens, block_table)
-            outs.append(t.logits(t.mtp_forward(h, logits.argmax(-1), cache=mtp)))
+            draft = t.ops.sample(logits.flatten(0, 1), 0.0, 1.0, None).view(logits.shape[:2])  # greedy next token
+            outs.append(t.logits(t.mtp_forward(h, draft, cache=mtp)))
             caches.append(mtp)
         for c in caches:
             for kv, pe in zip(c.kv, c.pe):
@@ -174,12 +179,31 @@ def _metadata(t: Transformer, dtype: str, kind: str, fmt: Fp8Format | None) -> d
     return meta
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hold back the exporter's C++ warnings (custom-domain nodes have no torch-side shape inference; the
+    types come from the trace) unless the export fails."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            sys.stderr.write(tmp.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _trace(module: nn.Module, example: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
     for m in module.modules():  # absorbed W_UK/W_UV caches would be traced as constants
         if hasattr(m, "_absorbed"):
             m._absorbed = None
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, buf, dynamo=False, opset_version=TORCH_OPSET,
                           input_names=list(input_names), output_names=list(output_names),

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from deepport.backends.cpu_ref import ops as ref
+from deepport.core.errors import DeepportError
 from deepport.core.formats import Fp8Format, Fp8Weight
 from deepport.onnx.functions import DOMAIN, FP8_TYPES
 from deepport.onnx.runtime import TORCH_TO_ONNX
@@ -62,6 +63,7 @@ MoeExpertsFp8 = _node(
         x, tw, ids, Fp8Weight(w1, s1), Fp8Weight(w2, s2), Fp8Weight(w3, s3)),
     ("act_max", "fp8_type"))
 SiluMul = _node("silu_mul", ref.silu_mul, ())
+SampleGreedy = _node("sample_greedy", lambda logits: ref.sample(logits, 0.0, 1.0, None), ())
 
 _TORCH_OF = {v: k for k, v in TORCH_TO_ONNX.items()}
 _FORMAT_OF: dict[int, Fp8Format] = {}
@@ -97,6 +99,13 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     return MoeExperts.apply(x, topk_weights, topk_ids, w1, w2, w3)
 
 
+def sample(logits, temperature, top_p, generator):
+    if temperature > 0:
+        raise DeepportError("the ONNX export samples greedily only (temperature 0); sample from the exported "
+                            "logits outside the graph for temperature > 0")
+    return SampleGreedy.apply(logits)
+
+
 def table(fp8: Fp8Format | None = None) -> SimpleNamespace:
     """The op table a Transformer is built with for export (same names and signatures as the contracts)."""
     return SimpleNamespace(
@@ -112,5 +121,5 @@ def table(fp8: Fp8Format | None = None) -> SimpleNamespace:
         moe_gate=lambda x, weight, bias, n_groups, topk_groups, topk, route_scale: MoeGate.apply(
             x, weight, bias, int(n_groups), int(topk_groups), int(topk), float(route_scale)),
         moe_experts=moe_experts, silu_mul=SiluMul.apply,
-        sample=ref.sample, all_reduce=ref.all_reduce, all_to_all=ref.all_to_all,
+        sample=sample, all_reduce=ref.all_reduce, all_to_all=ref.all_to_all,
     )
