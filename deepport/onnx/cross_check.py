@@ -149,3 +149,44 @@ def run(*, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None, progress=None,
         if progress:
             progress(i + 1, len(cases), f"{results[-1].case} {results[-1].status}")
     return results
+
+
+def replay(model: onnx.ModelProto, records: list, rtol: float = 1e-4, atol: float = 1e-4) -> list[tuple]:
+    """Teacher-forced check of an exported graph: each deepport-domain node, run alone in onnxruntime on the
+    exact inputs cpu_ref saw when the graph ran eagerly (deepport.onnx.nodes.RECORD, same order), must give
+    cpu_ref's outputs (floats within rtol/atol, integers exactly). Returns [(node name, function, ok, detail)]."""
+    from deepport.conformance.compare import _close
+    from deepport.conformance.tolerances import Tol
+
+    graph_nodes = [n for n in model.graph.node if n.domain == F.DOMAIN]
+    if len(graph_nodes) != len(records):
+        raise ValueError(f"{len(records)} recorded calls for {len(graph_nodes)} deepport nodes; record exactly "
+                         f"one eager run of the exported module")
+    results = []
+    for node, (function, args, outs) in zip(graph_nodes, records):
+        if node.op_type != function:
+            raise ValueError(f"graph node {node.name} is {node.op_type} but the recorded call is {function}")
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        feeds = {f"in{i}": t for i, t in enumerate(tensors)}
+        names = [o for o in (f"out{i}" for i in range(len(outs)))]
+        single = oh.make_node(node.op_type, list(feeds), names, domain=F.DOMAIN)
+        single.attribute.extend(node.attribute)
+        graph = oh.make_graph(
+            [single], node.op_type,
+            [oh.make_tensor_value_info(k, TORCH_TO_ONNX[v.dtype], list(v.shape)) for k, v in feeds.items()],
+            [oh.make_tensor_value_info(n, TORCH_TO_ONNX[o.dtype], list(o.shape)) for n, o in zip(names, outs)])
+        m = oh.make_model(graph, functions=F.functions(),
+                          opset_imports=[oh.make_opsetid("", F.OPSET), oh.make_opsetid(F.DOMAIN, F.DOMAIN_VERSION)])
+        m.ir_version = max(m.ir_version, 10)
+        got = runtime.run(runtime.session(m), feeds)
+        ok, detail = True, []
+        for i, (g, e) in enumerate(zip(got, outs)):
+            if e.is_floating_point():
+                r = _close(g.float(), e.float(), Tol(rtol, atol), f"output {i}: ")
+                ok &= r.ok
+                detail += [r.detail] if not r.ok else []
+            elif not torch.equal(g.sort(-1).values, e.sort(-1).values):  # routing ids: order within a row is free
+                ok = False
+                detail.append(f"output {i}: integer outputs differ")
+        results.append((node.name, function, ok, "; ".join(detail)))
+    return results
