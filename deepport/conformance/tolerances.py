@@ -38,6 +38,16 @@ TABLE: dict[str, dict[str, tuple[float, float]]] = {
     "collective":  {"bf16": (0.0, 0.0), "fp8": (0.0, 0.0)},  # world size 1 in the cases: identity
 }
 
+# Per-op entries that take precedence over the class. moe_experts chains three GEMMs through values the
+# contract rounds to bf16 (gate/up, the SwiGLU product, each expert's down-projection output): fp32 summation
+# order alone flips such a rounding by one ulp now and then, which moves y by up to ~2^-8 |o| w, a few 1e-3
+# on the unit-scale cases, while y itself may be near zero after the weighted sum cancels (measured under the
+# interpreter: 4.1e-3 on moe_experts_prefill_bf16 from one flipped down-projection rounding; cpu_ref itself is
+# 1.95e-3 away from fp64-then-bf16 intermediates on moe_experts_decode_bf16).
+OP_TABLE: dict[str, dict[str, tuple[float, float]]] = {
+    "moe_experts": {"bf16": (BF16_RTOL, 5e-4)},
+}
+
 
 def tolerance(case, overrides=None) -> Tol:
     """Tol for `case`: the table's entry scaled by sqrt(reduction), then a policy override by case name or op.
@@ -46,7 +56,7 @@ def tolerance(case, overrides=None) -> Tol:
     Override values are absolute (not scaled again).
     """
     cls = TOLERANCE_CLASS[case.op]
-    rtol, atol = TABLE[cls][case.dtype]
+    rtol, atol = OP_TABLE.get(case.op, {}).get(case.dtype) or TABLE[cls][case.dtype]
     tol = Tol(rtol, atol * math.sqrt(max(case.reduction, 1)))
     for key in (case.op, case.name):
         o = (overrides or {}).get(key)

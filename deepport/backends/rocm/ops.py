@@ -8,9 +8,11 @@ import torch
 
 from deepport.backends import torch_common
 from deepport.core import settings
+from deepport.core.formats import Fp8Weight
 from deepport.kernels import (act_quant as _act_quant, fp8_gemm as _fp8_gemm, moe_gate as _moe_gate,
                               rms_norm as _rms_norm, rope as _rope, silu_mul as _silu_mul,
                               weight_dequant as _weight_dequant)
+from deepport.kernels import mla_decode as _mla_decode, mla_prefill as _mla_prefill, moe_experts as _moe_experts
 from deepport.kernels.targets import check_fp8_format
 from deepport.kernels.tuning import Tuning
 
@@ -77,6 +79,21 @@ def silu_mul(x):
     return _silu_mul.silu_mul(x, configs=_configs("silu_mul"))
 
 
+def mla_prefill(q, k, v, causal, scale):
+    return _mla_prefill.mla_prefill(q, k, v, causal, scale, configs=_configs("mla_prefill"))
+
+
+def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    return _mla_decode.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale,
+                                  configs=_configs("mla_decode"))
+
+
+def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
+    if isinstance(w1, Fp8Weight):
+        _check_fp8(w1.weight.dtype)
+    return _moe_experts.moe_experts(x, topk_weights, topk_ids, w1, w2, w3, configs=_configs("moe_experts"))
+
+
 OPS = {
     "rms_norm": rms_norm,
     "rope": rope,
@@ -85,6 +102,9 @@ OPS = {
     "fp8_gemm": fp8_gemm,
     "moe_gate": moe_gate,
     "silu_mul": silu_mul,
+    "mla_prefill": mla_prefill,
+    "mla_decode": mla_decode,
+    "moe_experts": moe_experts,
     "sample": torch_common.sample,
     "all_reduce": torch_common.all_reduce,
     "all_to_all": torch_common.all_to_all,
