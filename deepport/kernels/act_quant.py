@@ -61,4 +61,8 @@ def compile_specs(target):
            "NEG_ZERO": "constexpr", "AMAX_FLOOR": "constexpr"}
     consts = {"BLOCK": 128, "BLOCK_PAD": 128, "ACT_MAX": fmt.act_max, "FP8_EMIN": FP8_EMIN[fmt.name],
               "FP8_MAX": fmt.max, "NEG_ZERO": fmt.name == "e4m3fn", "AMAX_FLOOR": AMAX_FLOOR}
-    return [CompileSpec(f"act_quant[{fmt.name}]", act_quant_kernel, sig, consts, {"num_warps": 1})]
+    expect = {"cuda": r"cvt\.rn\.satfinite\.e4m3x2\.f32",  # native fp32 -> e4m3 conversion on sm89+
+              "gfx942": r"v_cvt_pk_fp8_f32", "gfx950": r"v_cvt_\w*pk_fp8_f32"}
+    key = "cuda" if target.backend == "cuda" else str(target.arch)[:6]
+    return [CompileSpec(f"act_quant[{fmt.name}]", act_quant_kernel, sig, consts, {"num_warps": 1},
+                        (expect[key],) if key in expect else ())]

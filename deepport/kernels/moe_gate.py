@@ -113,4 +113,5 @@ def compile_specs(target):
                "E", "E_PAD", "N_GROUPS", "G_PAD", "TOPK_GROUPS", "TOPK", "TOPK_PAD", "BLOCK_M", "BLOCK_D")}}
     consts = {"E": 256, "E_PAD": 256, "N_GROUPS": 8, "G_PAD": 8, "TOPK_GROUPS": 4, "TOPK": 8, "TOPK_PAD": 8,
               "BLOCK_M": 16, "BLOCK_D": 64}  # DeepSeek-V3's router
-    return [CompileSpec("moe_gate[v3]", moe_gate_kernel, sig, consts, {"num_warps": 4})]
+    forbid = (r"tf32",) if target.backend == "cuda" else (r"v_mfma\w*xf32",)  # the router stays in ieee fp32
+    return [CompileSpec("moe_gate[v3]", moe_gate_kernel, sig, consts, {"num_warps": 4}, forbid=forbid)]

@@ -51,6 +51,7 @@ class CompileSpec:
     constexprs: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # num_warps, num_stages, waves_per_eu, matrix_instr_nonkdim, kpack
     expect: tuple = ()  # regexes that must match the PTX (cuda) or AMDGCN (hip) text
+    forbid: tuple = ()  # regexes that must not match it (e.g. tf32 MMA in an fp32 router)
 
 
 def target_fp8(target) -> str:
