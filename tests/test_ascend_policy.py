@@ -100,3 +100,5 @@ def test_rope_and_expert_limits():
     assert limits.moe_experts(x, w, w.transpose(1, 2), w) is None
     assert "dtype" in limits.moe_experts(x.float(), w, w, w)
     assert "fp8" in limits.moe_experts(x, w.float(), w, w)
+    many = torch.empty(1025, 6, 8, dtype=torch.bfloat16)  # 1025 experts on one rank
+    assert "1024 groups" in limits.moe_experts(x, many, many, many)

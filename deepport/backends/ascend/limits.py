@@ -18,10 +18,14 @@ PREFILL_DK, PREFILL_DV = 192, (128, 192)  # TND layout without rope
 MAX_BATCHES_TND = 4096
 MAX_TOKENS_TND = 1 << 20
 GATING_MAX_EXPERTS = 2048
+GMM_MAX_GROUPS = 1024  # npu_grouped_matmul, single 3-D weight grouped along M: at most 1024 groups
+GMM_INNER_LIMIT = 65536  # last dim of x and of each weight must stay below it
 
 
 def norm(x: torch.Tensor) -> str | None:
-    return None if x.dtype in FLOATS else f"dtype {x.dtype} (npu_rms_norm takes float16/bfloat16/float32)"
+    if x.dtype not in FLOATS:
+        return f"dtype {x.dtype} (npu_rms_norm takes float16/bfloat16/float32)"
+    return None if 1 <= x.dim() <= 8 else f"{x.dim()}-D input (npu_rms_norm takes 1 to 8 dims)"
 
 
 def swiglu(x: torch.Tensor) -> str | None:
@@ -97,4 +101,8 @@ def moe_experts(x, w1, w2, w3) -> str | None:
         return "fp8 or mixed-dtype expert weights (the fused path is unquantised; W8A8 runs generic torch)"
     if x.shape[0] * x.shape[1] >= 1 << 24:
         return "x has 2^24 elements or more (npu_moe_init_routing_v2 limit)"
+    if w1.shape[0] > GMM_MAX_GROUPS:
+        return f"{w1.shape[0]} experts on this rank (npu_grouped_matmul takes at most {GMM_MAX_GROUPS} groups)"
+    if max(w1.shape[1], w1.shape[2]) >= GMM_INNER_LIMIT:
+        return f"expert dims {tuple(w1.shape[1:])} reach npu_grouped_matmul's inner limit {GMM_INNER_LIMIT}"
     return None

@@ -35,6 +35,7 @@ def npu_rms_norm(x, gamma, epsilon=1e-6):
     record("npu_rms_norm", (x, gamma), {"epsilon": epsilon})
     op = "npu_rms_norm"
     _need(x.dtype in FLOATS, op, f"x dtype {x.dtype} unsupported (float16, bfloat16, float32)")
+    _need(1 <= x.dim() <= 8, op, f"x must have 1 to 8 dims, got {x.dim()}")
     _need(gamma.dtype == x.dtype, op, f"gamma dtype {gamma.dtype} must equal x dtype {x.dtype}")
     _need(gamma.dim() == 1 and gamma.shape[0] == x.shape[-1], op, f"gamma {tuple(gamma.shape)} must be [D={x.shape[-1]}]")
     y, rstd = _rms(x, gamma, epsilon)
@@ -176,8 +177,12 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     _need(group_list is not None and group_list.dim() == 1 and group_list.shape[0] == e, op,
           f"group_list must be 1-D with E={e} entries")
     _need(group_list_type in (0, 1), op, "group_list_type must be 0 (cumsum) or 1 (count)")
+    _need(e <= 1024, op, f"{e} groups: at most 1024")
+    _need(max(kdim, ndim, xx.shape[1]) < 65536, op, "inner dimension reaches the 65536 limit")
+    _need(xx.is_contiguous(), op, "x must not be transposed (weight may be)")
     ends = group_list.long() if group_list_type == 0 else group_list.long().cumsum(0)
-    _need(bool((ends[1:] >= ends[:-1]).all()) and int(ends[-1]) <= xx.shape[0], op, "group_list exceeds x's rows")
+    _need(bool((ends[1:] >= ends[:-1]).all()) and bool((group_list >= 0).all()), op, "group_list must be non-negative")
+    _need(int(ends[-1]) == xx.shape[0], op, f"group_list covers {int(ends[-1])} rows, x has {xx.shape[0]}")
     out = torch.zeros(xx.shape[0], ndim, dtype=output_dtype or xx.dtype)
     start = 0
     for g, end in enumerate(ends.tolist()):
