@@ -49,16 +49,22 @@ def cmd_backends(a) -> int:
 
 def cmd_generate(a) -> int:
     import deepport
+    from deepport.core import distributed
 
-    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
-    prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
-    if a.prompt_ids:
-        prompt = [int(t) for t in a.prompt_ids.split(",")]
-    r = m.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                   seed=a.seed, mtp=a.mtp)
+    try:
+        m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, tp=a.tp, ep=a.ep)
+        prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
+        if a.prompt_ids:
+            prompt = [int(t) for t in a.prompt_ids.split(",")]
+        r = m.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                       seed=a.seed, mtp=a.mtp)
+    finally:
+        distributed.shutdown()
+    if not m.is_rank0:  # under torchrun every rank holds the same tokens; rank 0 prints
+        return 0
     if a.json:
         print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats, "backend": m.backend,
-                          "dtype": m.dtype, "model": str(m.path)}))
+                          "dtype": m.dtype, "model": str(m.path), "parallel": {"tp": a.tp, "ep": a.ep}}))
         return 0
     fallbacks = [op for op, how in m.op_report().items() if how == "fallback"]
     print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
@@ -101,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (torchrun --nproc-per-node = tp x ep)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint as bf16 / fp32 / fp8 (e4m3fn or e4m3fnuz)")

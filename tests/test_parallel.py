@@ -1,0 +1,201 @@
+"""Tensor / expert parallelism on CPU with gloo: ranks spawned as torchrun would (tests/parallel_worker.py),
+compared with one process on the embedded default model and on Tiny-B (128-aligned per rank at TP=2)."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepport
+from deepport import models
+from deepport.core import distributed
+from deepport.core.config import preset
+from deepport.core.distributed import Layout
+from deepport.core.errors import ConfigError
+from deepport.core.parallel import check_split
+
+from parallel_worker import IDS, collect
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+# max |logits - one process| / max |one process|: fp32 is the issue's 1e-5. bf16/fp8 row-parallel partials
+# (and TP-split experts) round once per rank instead of once in total, and random tiny weights amplify
+# one fp8 code flip; measured on Tiny-B TP=2: bf16 1.0e-2, fp8 3.0e-2 (EP alone: 0).
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp8": 6e-2}
+WEIGHT_MARGIN = 0.05  # replicated per rank: norms, wq_a, wkv_a, router, eh_proj (2-4% of these models)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _materialise(model: str, dtype: str) -> None:
+    """Write the preset before spawning, so ranks only read it."""
+    models.resolve(None if model == "default" else model, fp8=dtype == "fp8")
+
+
+def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300):
+    """Spawn tp x ep ranks; returns (per-rank results, return codes, seconds)."""
+    _materialise(model, dtype)
+    n = tp * ep
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
+           "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), model, dtype, str(tp), str(ep)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{n} ranks did not finish in {timeout}s (a hang)")
+    seconds = time.monotonic() - t0
+    codes = [p.returncode for p in procs]
+    results = []
+    for r in range(n):
+        f = tmp_path / f"rank{r}.pt"
+        assert f.is_file(), f"rank {r} wrote no result (exit {codes[r]}):\n{logs[r][-3000:]}"
+        results.append(torch.load(f))
+    return results, codes, seconds
+
+
+@lru_cache(maxsize=None)
+def one_process(model: str, dtype: str) -> dict:
+    m = deepport.load(None if model == "default" else model, backend="cpu_ref", dtype=dtype)
+    return collect(m)
+
+
+def _max_rel(got, want) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def check_same_as_one_process(results, model, dtype, tp, ep):
+    want = one_process(model, dtype)
+    for r in results:
+        assert "error" not in r, r.get("error")
+        rel = _max_rel(r["logits"], want["logits"])
+        assert rel <= TOLERANCE[dtype], f"rank {r['rank']}: logits differ by {rel:.2e} (> {TOLERANCE[dtype]})"
+        assert r["tokens"] == want["tokens"], f"rank {r['rank']}: greedy tokens differ"
+        assert r.get("mtp_tokens") == want.get("mtp_tokens"), f"rank {r['rank']}: MTP greedy tokens differ"
+        # Rank 0 samples and broadcasts: every rank holds rank 0's draws.
+        assert r["sampled"] == results[0]["sampled"]
+        assert torch.equal(r["logits"], results[0]["logits"])
+    if dtype == "fp32":
+        assert results[0]["sampled"] == want["sampled"]
+    return want
+
+
+@pytest.mark.parametrize("model,dtype,tp,ep", [
+    ("default", "fp32", 2, 1),
+    ("default", "fp32", 1, 2),
+    ("tiny-b", "bf16", 2, 1),
+    ("tiny-b", "fp8", 1, 2),
+])
+def test_two_ranks_match_one_process(tmp_path, model, dtype, tp, ep):
+    results, codes, _ = run_ranks(tmp_path, model, dtype, tp, ep)
+    assert codes == [0] * (tp * ep)
+    check_same_as_one_process(results, model, dtype, tp, ep)
+
+
+def test_tp2_fp8_tiny_b_matches_and_each_rank_holds_half_the_weights(tmp_path):
+    """Tiny-B at TP=2 in fp8 (every shard 128-aligned): same logits/tokens, and each rank's weights and the
+    bytes it read from the safetensors files are about 1/2 of the whole (no rank materialises the model)."""
+    results, codes, _ = run_ranks(tmp_path, "tiny-b", "fp8", 2, 1)
+    assert codes == [0, 0]
+    want = check_same_as_one_process(results, "tiny-b", "fp8", 2, 1)
+    for r in results:
+        share = r["weight_bytes"] / want["weight_bytes"]
+        read = r["bytes_read"] / r["bytes_total"]
+        assert 0.5 <= share <= 0.5 + WEIGHT_MARGIN, f"rank {r['rank']} holds {share:.3f} of the weights"
+        assert read <= 0.5 + WEIGHT_MARGIN, f"rank {r['rank']} read {read:.3f} of the checkpoint"
+
+
+@pytest.mark.slow  # 4 ranks on the shared 2-core CI machine: about 80 s
+def test_tp2_ep2_four_ranks_match_one_process(tmp_path):
+    results, codes, _ = run_ranks(tmp_path, "tiny-b", "fp32", 2, 2)
+    assert codes == [0] * 4
+    want = check_same_as_one_process(results, "tiny-b", "fp32", 2, 2)
+    for r in results:  # attention/dense halved by TP, experts quartered (EP x TP-split I)
+        assert r["weight_bytes"] / want["weight_bytes"] <= 0.25 + 2 * WEIGHT_MARGIN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,dtype", [("tiny-b", "fp8"), ("default", "fp32")])
+def test_tp2_ep2_four_ranks_slow_tier(tmp_path, model, dtype):
+    results, codes, _ = run_ranks(tmp_path, model, dtype, 2, 2)
+    assert codes == [0] * 4
+    check_same_as_one_process(results, model, dtype, 2, 2)
+
+
+# ------------------------------------------------------------------------------------- misconfiguration
+
+def test_split_refusals_name_the_problem_and_the_sizes_that_fit():
+    tiny, tiny_b = preset("tiny"), preset("tiny-b")
+    with pytest.raises(ConfigError, match=r"n_heads 4 is not divisible by --tp 3.*--tp sizes that fit"):
+        check_split(tiny, Layout(3, 1), fp8=False)
+    with pytest.raises(ConfigError, match=r"n_routed_experts 16 is not divisible by --ep 3.*--ep sizes: 1, 2, 4, 8, 16"):
+        check_split(tiny, Layout(1, 3), fp8=False)
+    with pytest.raises(ConfigError, match=r"fp8 shard of .* is 96 per rank, not a multiple of the 128.*--dtype bf16"):
+        check_split(tiny, Layout(2, 1), fp8=True)
+    check_split(tiny, Layout(2, 1), fp8=False)  # bf16 shards need no alignment
+    check_split(tiny_b, Layout(2, 2), fp8=True)
+    with pytest.raises(ConfigError, match="fp8 shard"):
+        check_split(tiny_b, Layout(4, 1), fp8=True)  # 64 rows per rank
+
+
+def test_world_size_must_match_tp_times_ep(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="needs 2 processes but run under torchrun"):
+        distributed.check_world(2, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"--tp 2 x --ep 1 needs 2 processes but this launch has 4"):
+        distributed.check_world(2, 1)
+    with pytest.raises(ConfigError, match="at least 1"):
+        distributed.check_world(0, 1)
+
+
+@pytest.mark.parametrize("dtype,tp,match", [
+    ("fp8", 2, "fp8 shard of .* not a multiple of the 128"),  # Tiny-A: dense FFN 192 per rank
+    ("fp32", 3, "n_heads 4 is not divisible by --tp 3"),
+])
+def test_misconfigured_run_fails_on_every_rank_without_hanging(tmp_path, dtype, tp, match):
+    results, codes, seconds = run_ranks(tmp_path, "tiny", dtype, tp, 1, timeout=120)
+    assert codes == [3] * tp
+    for r in results:
+        assert "ConfigError" in r["error"]
+        assert re.search(match, r["error"]), r["error"]
+    assert seconds < 90  # refused before any collective, not after a timeout
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this python")
+def test_torchrun_generate_tp2_prints_once_and_matches_one_process(tmp_path):
+    _materialise("default", "fp32")
+    want = one_process("default", "fp32")
+    ids = ",".join(map(str, IDS[0].tolist()))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "TMPDIR": str(tmp_path)}
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "deepport", "generate", "--tp", "2",
+                        "--backend", "cpu_ref", "--dtype", "fp32", "--prompt-ids", ids, "--max-new-tokens", "6",
+                        "--json"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected rank 0 alone to print, got:\n{p.stdout}"
+    out = json.loads(lines[0])
+    assert out["tokens"] == want["tokens"][0]
+    assert out["parallel"] == {"tp": 2, "ep": 1}
