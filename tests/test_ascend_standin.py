@@ -78,7 +78,7 @@ def test_every_contract_bound_and_named(npu):
     assert table.report == {op: ("composite" if op == "linear" else "native") for op in contracts.CONTRACTS}
     assert set(ops.PROVENANCE) == set(contracts.PRIMITIVES)
     for op, what in ops.PROVENANCE.items():
-        assert what.startswith(("torch_npu.npu_", "generic torch", "torch.distributed")), (op, what)
+        assert what.startswith(("torch_npu.npu_", "generic torch", "torch.distributed", "torch native")), (op, what)
         if what == ops.GENERIC:
             assert op in ops.GENERIC_ONLY
 

@@ -1,9 +1,10 @@
 """ascend ops: the contracts bound to torch_npu fused ops, each with its chip limits checked before the call.
 
-Outside those limits (dtype, head dims, block size, routing shape) an op runs a named generic torch
-implementation on the npu device instead: cpu_ref's plain-torch code, which is the executable spec and
-runs on any device. `PROVENANCE` says what each op is bound to; `paths()` counts which path each call
-actually took and `last_reason` says why the last generic call left the fused op.
+Outside those limits (dtype, head dims, block size, routing shape) an op runs the named generic torch
+implementation on the npu device instead: cpu_ref's plain-torch code, the executable spec, which runs on
+any device. sample and the collectives are torch_common's torch-native versions (hccl process groups).
+`PROVENANCE` says what each op is bound to; `paths()` counts which path each call actually took and
+`last_reason` says why the last generic call left the fused op.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torch_npu
 
+from deepport.backends import torch_common
 from deepport.backends.ascend import dtype_policy, limits
 from deepport.backends.cpu_ref import ops as generic
 from deepport.core.errors import ContractError
@@ -30,16 +32,15 @@ PROVENANCE: dict[str, str] = {
     "act_quant": GENERIC,
     "weight_dequant": GENERIC,
     "fp8_gemm": GENERIC,
-    "sample": GENERIC,
-    "all_reduce": "torch.distributed (hccl)",
-    "all_to_all": "torch.distributed (hccl)",
+    "sample": "torch native (deepport.backends.torch_common)",
+    "all_reduce": "torch.distributed on hccl (deepport.backends.torch_common)",
+    "all_to_all": "torch.distributed on hccl (deepport.backends.torch_common)",
 }
 # ops whose generic implementation is the only one (no torch_npu kernel fits the contract)
 GENERIC_ONLY = {
     "act_quant": "1x128 fp8 activation quantisation: npu_dynamic_block_quant is int8-only on 910B/910C",
     "weight_dequant": "block fp8 dequantisation: plain torch (done once at load on 910B/910C)",
     "fp8_gemm": "block-scaled fp8 GEMM: Ascend 950 fp8 matmul is not bound yet (unverified on hardware)",
-    "sample": "sampling: plain torch (exponential race)",
 }
 
 _paths: Counter = Counter()
@@ -241,18 +242,12 @@ def _generic_only(op: str):
     return call
 
 
-def all_reduce(x, group=None):
-    return generic.all_reduce(x, group)  # torch.distributed; the process group is hccl on Ascend
-
-
-def all_to_all(x, output_split_sizes, input_split_sizes, group=None):
-    return generic.all_to_all(x, output_split_sizes, input_split_sizes, group)
-
-
 act_quant = _generic_only("act_quant")
 weight_dequant = _generic_only("weight_dequant")
 fp8_gemm = _generic_only("fp8_gemm")
-sample = _generic_only("sample")
+sample = torch_common.sample  # torch-native on the tensors' device; the group is hccl on Ascend
+all_reduce = torch_common.all_reduce
+all_to_all = torch_common.all_to_all
 
 OPS = {name: globals()[name] for name in PROVENANCE}
 
