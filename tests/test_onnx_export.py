@@ -144,9 +144,10 @@ def test_export_onnx_cli_writes_a_checked_file(tmp_path, capsys):
     from deepport.cli import main
 
     out = tmp_path / "m.onnx"
-    assert main(["export-onnx", "--output", str(out), "--dtype", "bf16", "--json"]) == 0
+    assert main(["export-onnx", "--output", str(out), "--dtype", "bf16", "--json", "--external-data"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["checker"] == "full_check passed" and out.is_file()
+    assert summary["checker"] == "full_check passed" and summary["external_data"] and out.is_file()
+    assert (tmp_path / "m.onnx.data").stat().st_size > 2 * out.stat().st_size  # the weights live beside it
     m = onnx.load(str(out))
     weights = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.BFLOAT16]
     fp32 = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]

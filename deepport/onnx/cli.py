@@ -15,7 +15,7 @@ def cmd_export_onnx(a) -> int:
         m = export.decode_model(t, a.dtype, block_size=a.block_size)
     else:
         m = export.prefill_model(t, a.dtype)
-    out = export.save(m, a.output)
+    out = export.save(m, a.output, external=True if a.external_data else None)
     nodes = Counter(n.op_type for n in m.graph.node if n.domain == "deepport")
     summary = {"output": str(out), "graph": "decode" if a.decode else "prefill", "dtype": a.dtype,
                "source": t.source, "inputs": [i.name for i in m.graph.input],
@@ -42,5 +42,7 @@ def register(sub) -> None:
     p.add_argument("--decode", action="store_true",
                    help="one decode step with the latent KV cache as explicit inputs and outputs")
     p.add_argument("--block-size", type=int, default=16, help="cache block size used for the trace (any works after)")
+    p.add_argument("--external-data", action="store_true",
+                   help="weights in FILE.data beside the model (automatic above 1 GiB of weights)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(fn=cmd_export_onnx)

@@ -9,7 +9,6 @@ the nodes by blocked DequantizeLinear; activations are quantised by blocked Quan
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -202,14 +201,16 @@ def _trace(module: nn.Module, example: tuple, input_names, output_names, dynamic
     for m in module.modules():  # absorbed W_UK/W_UV caches would be traced as constants
         if hasattr(m, "_absorbed"):
             m._absorbed = None
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_stderr():
+    # Through a file, not memory: past protobuf's 2 GiB the exporter writes the weights as external data.
+    with tempfile.TemporaryDirectory(prefix="deepport-onnx-") as tmp, warnings.catch_warnings(), \
+            torch.no_grad(), _quiet_stderr():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, buf, dynamo=False, opset_version=TORCH_OPSET,
+        path = os.path.join(tmp, "trace.onnx")
+        torch.onnx.export(module, example, path, dynamo=False, opset_version=TORCH_OPSET,
                           input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic_axes, custom_opsets={functions.DOMAIN: functions.DOMAIN_VERSION},
                           do_constant_folding=False)
-    return onnx.load_from_string(buf.getvalue())
+        return onnx.load(path, load_external_data=True)
 
 
 def _finish(m: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
@@ -238,11 +239,17 @@ def prefill_model(t: Transformer, dtype: str = "fp32", seq_len: int = 4) -> onnx
     return _finish(m, _metadata(t, dtype, "prefill", t.ops.fp8))
 
 
-def save(m: onnx.ModelProto, output: str | Path, check: bool = True) -> Path:
-    """Write the model (weights in `<output>.data` beside it when large) and run onnx.checker with full_check."""
+def weight_bytes(m: onnx.ModelProto) -> int:
+    return sum(len(i.raw_data) for i in m.graph.initializer)
+
+
+def save(m: onnx.ModelProto, output: str | Path, check: bool = True, external: bool | None = None) -> Path:
+    """Write the model and run onnx.checker with full_check. external (default: weights over 1 GiB): weights
+    go to `<output>.data` beside it (protobuf cannot hold more than 2 GiB in one file)."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    external = m.ByteSize() > EXTERNAL_DATA_BYTES
+    if external is None:
+        external = weight_bytes(m) > EXTERNAL_DATA_BYTES
     if external:
         onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=out.name + ".data", size_threshold=1024)
