@@ -4,6 +4,9 @@ A runtime that knows nothing of deepport (onnxruntime) inlines the bodies; a ven
 `deepport.<op>` node with its own fused kernel. Bodies follow deepport/backends/cpu_ref/ops.py: math in
 fp32, results cast back to the input's dtype with CastLike. Contracts whose arguments differ in kind get
 one function per variant (`rms_norm_residual`, `linear_fp8`, `moe_experts_fp8`, `sample_greedy`).
+Bodies are self-contained (no function calls another): onnxruntime rejects fp8 inputs passed on to a
+nested model-local function, and standard Gather has no fp8 types, so moe_experts_fp8 dequantises the
+stacked experts before gathering them per (token, expert) pair.
 """
 from __future__ import annotations
 
@@ -41,9 +44,9 @@ class Body:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def __call__(self, op: str, *inputs: str, outs: int | list[str] = 1, domain: str = "", **attrs):
+    def __call__(self, op: str, *inputs: str, outs: int | list[str] = 1, **attrs):
         names = [self._fresh(op.lower()) for _ in range(outs)] if isinstance(outs, int) else list(outs)
-        node = oh.make_node(op, list(inputs), names, domain=domain or None,
+        node = oh.make_node(op, list(inputs), names,
                             **{k: v for k, v in attrs.items() if not isinstance(v, Ref)})
         for key, v in attrs.items():
             if isinstance(v, Ref):
