@@ -81,6 +81,9 @@ def uniform(g: torch.Generator, *shape, lo: float = -1.0, hi: float = 1.0, dtype
 
 def fp8_weight(g: torch.Generator, *shape, fmt: Fp8Format, std: float = 1.0) -> Fp8Weight:
     """A block-quantised weight [..., N, K] from seeded normals (edge blocks partial when N, K are ragged)."""
+    if len(shape) > 2:  # expert stacks: one expert at a time keeps the fp32 staging small
+        parts = [fp8_weight(g, *shape[1:], fmt=fmt, std=std) for _ in range(shape[0])]
+        return Fp8Weight(torch.stack([p.weight for p in parts]), torch.stack([p.scale_inv for p in parts]))
     codes, scale = quantize_weight(torch.randn(*shape, generator=g) * std, fmt)
     return Fp8Weight(codes, scale)
 

@@ -29,7 +29,9 @@ TABLE: dict[str, dict[str, tuple[float, float]]] = {
     "elementwise": {"bf16": (BF16_RTOL, 1e-5), "fp8": (BF16_RTOL, 1e-5)},
     # fp8: Hopper-style MMAs keep ~14 bits inside a 128-K block before promotion; that is the atol
     "gemm":        {"bf16": (BF16_RTOL, 1e-5), "fp8": (BF16_RTOL, 1e-4)},
-    "attention":   {"bf16": (BF16_RTOL, 1e-4), "fp8": (BF16_RTOL, 1e-4)},
+    # attention cases use reduction=1: the output is a convex combination of V rows, so its error does not
+    # grow with T; 1e-3 is half a bf16 ulp of a unit V row, the cost of rounding p to bf16 before p @ V
+    "attention":   {"bf16": (BF16_RTOL, 1e-3), "fp8": (BF16_RTOL, 1e-3)},
     # routing weights are fp32 from fp32 math: tight; sets are compared separately (TIE_EPS)
     "routing":     {"bf16": (1e-4, 1e-6), "fp8": (1e-4, 1e-6)},
     # quant: scales within one fp32 ulp; codes are compared as bits in compare.py

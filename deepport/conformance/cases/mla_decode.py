@@ -30,6 +30,6 @@ def cases(tier):
                         ("chunk", [6, 9], 4, 2, 4, 1)],
               "full": [("ragged", [1000, 37, 513, 2048], 1, 128, 64, 1), ("mtp", [130, 700], 2, 128, 64, 2)]}[tier]
     note = "C=512, R=64; scale = v3-671b softmax_scale (with YaRN mscale), never 576^-0.5"
-    return [case("mla_decode", v, "bf16", tier, _build(lens, s, h, p, spare), reduction=max(lens),
+    return [case("mla_decode", v, "bf16", tier, _build(lens, s, h, p, spare),
                  note=f"{note}; seq_lens {lens}, S={s}, P={p}")
             for v, lens, s, h, p, spare in shapes]

@@ -15,5 +15,5 @@ def cases(tier):
               "full": [("causal", 1, 256, 256, 128, True), ("prefix", 1, 64, 320, 128, True),
                        ("batch", 2, 96, 96, 16, True)]}[tier]
     note = "scale = v3-671b softmax_scale (192^-0.5 x YaRN mscale^2)"
-    return [case("mla_prefill", v, "bf16", tier, _build(b, s, t, h, c), reduction=t, note=note)
+    return [case("mla_prefill", v, "bf16", tier, _build(b, s, t, h, c), note=note)
             for v, b, s, t, h, c in shapes]
