@@ -127,9 +127,7 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
     world = plan = None
     if layout is not None:
-        parallel.check_split(args, layout, fp8 is not None)  # every rank refuses before any collective
-        world = distributed.init(layout, b.dist_backend, b.device_type, timeout_s)
-        plan = parallel.apply(t, world, fp8 is not None)
+        world, plan = parallel.shard(t, layout, b, fp8 is not None, timeout_s)  # refuses before any collective
         dev = distributed.device_for(world, dev)
     checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan)
     t.inv_freq = t.inv_freq.to(dev)

@@ -199,3 +199,23 @@ def test_torchrun_generate_tp2_prints_once_and_matches_one_process(tmp_path):
     out = json.loads(lines[0])
     assert out["tokens"] == want["tokens"][0]
     assert out["parallel"] == {"tp": 2, "ep": 1}
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this python")
+def test_torchrun_conformance_model_check_tp2(tmp_path):
+    """`deepport conformance --model-check --tp 2`: the sharded model's end-to-end checks against whole cpu_ref."""
+    _materialise("default", "bf16")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "TMPDIR": str(tmp_path)}
+    report = tmp_path / "report.json"
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "deepport", "conformance",
+                        "--backend", "cpu_ref", "--dtype", "bf16", "--ops", "silu_mul", "--model-check", "--tp", "2",
+                        "--json", str(report)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("deepport conformance: backend cpu_ref") == 1  # rank 0 reports
+    rep = json.loads(report.read_text())
+    model = [r for r in rep["results"] if r["op"] == "model"]
+    assert {r["case"] for r in model} == {f"model_{c}_bf16" for c in ("logits", "decode", "mtp", "greedy")}
+    assert all(r["status"] == "pass" for r in model)
+    assert rep["parallel"] == {"tp": 2, "ep": 1}

@@ -38,14 +38,22 @@ def cmd_conformance(a) -> int:
         for c in all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,)):
             print(f"{c.name:<40} {c.op:<15} {c.dtype:<5} {c.note}")
         return 0
+    from deepport.core import distributed
+    from deepport.core.errors import ConfigError
+
     backend = registry.select(a.backend) if a.backend in (None, "auto") else registry.get_backend(a.backend)
     dtypes = ("fp8", "bf16") if a.dtype == "all" else (a.dtype,)
+    if a.tp * a.ep > 1 and not a.model_check:
+        raise ConfigError("--tp/--ep shard the end-to-end model check; add --model-check")
     progress = LineProgress()
     try:
         rep = run(backend, tier=a.tier, dtypes=dtypes, ops=_ops(a.ops), fallback=a.fallback, progress=progress,
-                  model_check=a.model_check, cross_check=a.cross_check)
+                  model_check=a.model_check, cross_check=a.cross_check, parallel=(a.tp, a.ep))
     finally:
         progress.close()
+        distributed.shutdown()
+    if distributed.env_rank()[0] != 0:  # under torchrun rank 0 reports (every rank ran the same checks)
+        return rep.exit_code
     report.print_table(rep)
     for path, write in ((a.json, report.write_json), (a.junit, report.write_junit), (a.markdown, report.write_markdown)):
         if path:
@@ -74,4 +82,6 @@ def register(sub) -> None:
     p.add_argument("--cross-check", default=None, choices=("onnxruntime",),
                    help="add the ONNX Runtime cross-check of the exported graph")
     p.add_argument("--list", action="store_true", help="list the cases (name, op, dtype, note) and exit")
+    p.add_argument("--tp", type=int, default=1, help="with --model-check under torchrun: tensor-parallel ranks")
+    p.add_argument("--ep", type=int, default=1, help="with --model-check under torchrun: expert-parallel ranks")
     p.set_defaults(fn=cmd_conformance)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from deepport import models
-from deepport.core import checkpoint, registry
+from deepport.core import checkpoint, distributed, parallel, registry
 from deepport.core.errors import DeepportError
 from deepport.core.model import Transformer
 
@@ -81,15 +81,21 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor, th: Threshold) -> Outco
     return Outcome(ok, max_abs, max_rel, f"cosine {cos:.5f} (>= {th.cosine}), max rel {max_rel:.4f} (<= {th.max_rel})")
 
 
-def load_model(table, dtype: str, model, fp8_fmt, device) -> Transformer:
-    """The checkpoint `model` (None: embedded default) bound to `table`, in `dtype`, on `device`."""
+def load_model(table, dtype: str, model, fp8_fmt, device, layout=None, backend=None) -> Transformer:
+    """The checkpoint `model` (None: embedded default) bound to `table`, in `dtype`, on `device`.
+
+    With a distributed.Layout (and the registry Backend), this rank's TP/EP shard (docs/parallel.md)."""
     path = models.resolve(model, fp8=dtype == "fp8")
     args, _ = checkpoint.read_config(path)
     if dtype == "fp8" and args.fp8_block is None:
         raise DeepportError(f"{path} is not an FP8 checkpoint; run the model check with --dtype bf16")
     fp8 = fp8_fmt if dtype == "fp8" else None
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
-    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, device)
+    plan = None
+    if layout is not None:
+        world, plan = parallel.shard(t, layout, backend, fp8 is not None)
+        device = distributed.device_for(world, device)
+    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, device, shard=plan)
     t.inv_freq = t.inv_freq.to(device)
     return t.eval()
 
@@ -197,11 +203,14 @@ def _skip_reason(b: registry.Backend, dtype: str) -> str:
 
 
 def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress: Callable | None = None,
-        fallback: str = "reference") -> list:
-    """Every end-to-end check for each dtype on `backend` (name or Backend); returns CaseResults (op "model")."""
+        fallback: str = "reference", tp: int = 1, ep: int = 1) -> list:
+    """Every end-to-end check for each dtype on `backend` (name or Backend); returns CaseResults (op "model").
+
+    tp / ep > 1 (under torchrun): the backend's model is this rank's TP/EP shard; cpu_ref stays whole."""
     from deepport.conformance.report import CaseResult
 
     b = registry.get_backend(backend) if isinstance(backend, str) else backend
+    layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
     out = []
 
     def result(check, dtype, status, impl, o: Outcome | None, reason, seconds):
@@ -220,7 +229,7 @@ def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress
         try:
             table = registry.bind(b, fallback=fallback)
             fmt = b.resolve_fp8_format()
-            got = load_model(table, dtype, model, fmt, b.device())
+            got = load_model(table, dtype, model, fmt, b.device(), layout, b)
             ref = load_model(registry.bind(registry.get_backend("cpu_ref")), dtype, model, fmt, torch.device("cpu"))
         except DeepportError as e:
             out += [result(c, dtype, "fail", "native", None, f"could not load the model: {e}", 0.0) for c in CHECKS]

@@ -95,12 +95,14 @@ def run_case(case, table, fmt_name: str, tol, xfail: str | None, refused: str | 
 
 
 def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None,
-        fallback: str = "reference", progress=None, model_check: bool = False, cross_check: str | None = None) -> Report:
+        fallback: str = "reference", progress=None, model_check: bool = False, cross_check: str | None = None,
+        parallel: tuple[int, int] = (1, 1)) -> Report:
     """Run the `tier` cases of `ops` (default: all) for `dtypes` on `backend` and return the Report.
 
     progress: optional callable progress(done, total, text) called after each case.
     model_check: also run deepport.conformance.model_check (end-to-end checks on the tiny checkpoint).
     cross_check: "onnxruntime" also runs deepport.onnx.cross_check.
+    parallel: (tp, ep) for the model check under torchrun (docs/parallel.md).
     Raises BackendError/ConfigError (CLI exit 2) for an unknown or unavailable backend, an unknown tier,
     op, dtype or fallback policy, or an invalid conformance.toml.
     """
@@ -133,11 +135,12 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
     order = {c.name: i for i, c in enumerate(cases)}
     results.sort(key=lambda r: order[r.case])
     if model_check:
-        results += _model_check(b, dtypes, fallback, _Steps(progress, len(results)))
+        results += _model_check(b, dtypes, fallback, _Steps(progress, len(results)), parallel)
     if cross_check:
         results += _cross_check(cross_check, tier, dtypes, ops, _Steps(progress, len(results)))
     meta = {"dtypes": list(dtypes), "fallback": fallback, "device": str(b.device()),
             "fp8_format": fmt.name if fmt else None, "ops": list(ops) if ops else None,
+            "parallel": {"tp": parallel[0], "ep": parallel[1]},
             "versions": {"deepport": _version("deepport"), "python": platform.python_version(),
                          "torch": torch.__version__, "triton": _version("triton")},
             "created": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}
@@ -156,7 +159,7 @@ class _Steps:
             self.progress(self.done, self.done, str(args[-1]))
 
 
-def _model_check(b, dtypes, fallback, progress) -> list[CaseResult]:
+def _model_check(b, dtypes, fallback, progress, parallel=(1, 1)) -> list[CaseResult]:
     try:
         from deepport.conformance import model_check
     except ImportError as e:
@@ -164,7 +167,7 @@ def _model_check(b, dtypes, fallback, progress) -> list[CaseResult]:
             raise
         raise ConfigError("--model-check needs deepport/conformance/model_check.py, which this installation "
                           "lacks; update deepport or drop --model-check") from None
-    return list(model_check.run(b, dtypes=dtypes, progress=progress, fallback=fallback))
+    return list(model_check.run(b, dtypes=dtypes, progress=progress, fallback=fallback, tp=parallel[0], ep=parallel[1]))
 
 
 def _cross_check(kind, tier, dtypes, ops, progress) -> list[CaseResult]:

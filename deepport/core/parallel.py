@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepport.core.config import ModelArgs
+from deepport.core import distributed
 from deepport.core.distributed import Layout, World
 from deepport.core.errors import CheckpointError, ConfigError
 from deepport.core.model import MLA, MLP, Experts, Linear, MoE, Transformer
@@ -341,6 +342,15 @@ def apply(model: Transformer, world: World, fp8: bool) -> ShardPlan:
     if lay.world_size > 1:
         _broadcast_sampling(ops, world)
     return ShardPlan(model.args, lay)
+
+
+def shard(model: Transformer, layout: Layout, backend, fp8: bool, timeout_s: float = 300.0):
+    """Validate the split (before any collective), join the process group, apply: -> (World, ShardPlan).
+
+    `backend` is the registry Backend (its dist_backend and device_type pick the collective library)."""
+    check_split(model.args, layout, fp8)
+    world = distributed.init(layout, backend.dist_backend, backend.device_type, timeout_s)
+    return world, apply(model, world, fp8)
 
 
 # ---------------------------------------------------------------------------------------------- memory
