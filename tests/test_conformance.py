@@ -90,7 +90,7 @@ def test_subtly_wrong_op_fails_exactly_that_op():
     impls = _ref_impls()
     impls["silu_mul"] = lambda x: (ref.silu_mul(x).float() * 1.03).to(x.dtype)  # 3% too large
     impls["silu_mul"].__name__ = "silu_mul"
-    rep = run(_backend("subtle", impls), tier="quick", ops=["silu_mul", "rms_norm", "rope", "moe_gate"])
+    rep = run(_backend("subtle", impls), tier="quick")
     assert {r.op for r in rep.failed} == {"silu_mul"}
     assert all(r.status == "fail" for r in rep.results if r.op == "silu_mul")
     assert all(r.status == "pass" for r in rep.results if r.op != "silu_mul")
