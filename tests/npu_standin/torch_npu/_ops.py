@@ -48,9 +48,9 @@ def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-6):
     _need(x1.dtype in FLOATS and x2.dtype == x1.dtype, op, f"x1/x2 dtypes {x1.dtype}/{x2.dtype} must match, float")
     _need(x1.shape == x2.shape, op, f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have one shape")
     _need(gamma.dtype == x1.dtype and gamma.shape == x1.shape[-1:], op, "gamma must be [D] in x1's dtype")
-    x = x1.float() + x2.float()  # x_out = x1 + x2, normalised before its own rounding
+    x = (x1.float() + x2.float()).to(x1.dtype)  # x_out = x1 + x2 in x's dtype; op-plugin's golden normalises it
     y, rstd = _rms(x, gamma, epsilon)
-    return y.to(x1.dtype), rstd, x.to(x1.dtype)
+    return y.to(x1.dtype), rstd, x
 
 
 def npu_interleave_rope(x, cos, sin):
