@@ -2,6 +2,7 @@
 
 argv: out_dir model dtype tp ep. Writes rank<r>.pt with `collect`'s results (the test runs the same
 function in one process for the expected values), or the error of a refused configuration.
+Model "collectives": the all_to_all / all_reduce contracts alone (fp8 rows over gloo, uneven splits).
 """
 import os
 import sys
@@ -30,10 +31,34 @@ def collect(m) -> dict:
     return out
 
 
+def rows_for(src: int, dst: int) -> torch.Tensor:
+    """The fp8 rows rank `src` sends rank `dst` in the collectives check: src + dst + 1 seeded rows of 8."""
+    g = torch.Generator().manual_seed(100 * src + dst)
+    return (torch.randn(src + dst + 1, 8, generator=g) * 50).to(torch.float8_e4m3fn)
+
+
+def exchange(rank: int, n: int) -> dict:
+    """all_to_all of fp8 rows with uneven splits (gloo lacks fp8: the contract sends uint8 views) and all_reduce."""
+    import torch.distributed as dist
+
+    from deepport.core import registry
+
+    ops = registry.bind(registry.get_backend("cpu_ref"))
+    dist.init_process_group("gloo")
+    send = torch.cat([rows_for(rank, q) for q in range(n)])
+    got = ops.all_to_all(send, [q + rank + 1 for q in range(n)], [rank + q + 1 for q in range(n)])
+    total = ops.all_reduce(torch.full((3,), float(rank + 1), dtype=torch.bfloat16))
+    dist.destroy_process_group()
+    return {"received": got, "sum": total}
+
+
 def main() -> int:
     out, model, dtype, tp, ep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    if model == "collectives":
+        torch.save({"rank": rank, **exchange(rank, tp * ep)}, os.path.join(out, f"rank{rank}.pt"))
+        return 0
     try:
         m = deepport.load(None if model == "default" else model, backend="cpu_ref", dtype=dtype, tp=tp, ep=ep,
                           timeout_s=60)
