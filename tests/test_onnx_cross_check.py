@@ -53,3 +53,9 @@ def test_conformance_cli_maps_cross_check_onnxruntime(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "silu_mul_tokens_bf16@onnxruntime" in out and "rope_q_bf16@onnxruntime" in out
+
+
+def test_fp8_cases_pass_in_e4m3fnuz_too():
+    results = cross_check.run(tier="quick", dtypes=("fp8",), fp8_format="e4m3fnuz")
+    assert results and all(r.status == "pass" for r in results), [(r.case, r.reason) for r in results if r.status != "pass"]
+    assert all(r.case.endswith("@onnxruntime:e4m3fnuz") for r in results)

@@ -11,7 +11,7 @@ import deepport  # noqa: E402
 from deepport.core import checkpoint, registry  # noqa: E402
 from deepport.core.formats import E4M3FN  # noqa: E402
 from deepport.core.model import Transformer  # noqa: E402
-from deepport.onnx import cross_check, export, functions, nodes, runtime  # noqa: E402
+from deepport.onnx import cross_check, export, functions, runtime  # noqa: E402
 
 STEPS = 16
 
@@ -182,13 +182,7 @@ def test_fp8_export_nodes_replay_cpu_ref_exactly(fp8):
     """Node by node, on the inputs cpu_ref saw: the tight check (W8A8 is discontinuous end to end)."""
     t, m = fp8
     ids = _ids(1, 5, 1)
-    nodes.RECORD = []
-    try:
-        with torch.no_grad():
-            export.Prefill(t)(ids)
-        records = nodes.RECORD
-    finally:
-        nodes.RECORD = None
+    _, records = export.record_calls(export.Prefill(t), ids)
     results = cross_check.replay(m, records)
     bad = [r for r in results if not r[2]]
     assert len(results) == sum(n.domain == functions.DOMAIN for n in m.graph.node) and not bad, bad[:3]
@@ -208,3 +202,25 @@ def test_fp8_export_end_to_end_within_fp8_quantisation_error(fp8):
             a8, a32 = r8.logits(r8(ids)), r32.logits(r32(ids))
         assert (got - a32).norm() <= 1.25 * (a8 - a32).norm()
         assert (a8 - a32).norm() > 0  # the fp8 path really quantises
+
+
+def test_fp8_decode_export_nodes_replay_cpu_ref(fp8):
+    t, _ = fp8
+    m = export.decode_model(t, "fp8")
+    assert "weight_dequant" in {n.op_type for n in m.graph.node if n.domain == functions.DOMAIN}  # W_UK / W_UV
+    a = t.args
+    pools = [torch.randn(4, 8, a.kv_lora_rank if "kv_cache" in n else a.qk_rope_head_dim,
+                         generator=torch.Generator().manual_seed(i)) for i, n in enumerate(export.pool_names(t))]
+    args = (_ids(1, 2, 6), torch.tensor([9]), torch.tensor([[1, 3, 0, 2]], dtype=torch.int32), *pools)
+    with export.cache_context(t):
+        eager, records = export.record_calls(export.DecodeStep(t), *args)
+    results = cross_check.replay(m, records)
+    assert results and all(r[2] for r in results), [r for r in results if not r[2]][:3]
+    feeds = dict(zip(["input_ids", "cache_lens", "block_table", *export.pool_names(t)], args))
+    got = runtime.run(runtime.session(m), feeds)
+    written = torch.zeros(4, 8, dtype=torch.bool)
+    written[3, 1:3] = True  # positions 9 and 10 with 8-token blocks: block_table[0, 1] = 3, offsets 1 and 2
+    for i, (before, after, want) in enumerate(zip(pools, got[2:], eager[2:])):
+        assert torch.equal(after[~written], before[~written]), f"pool {i}: rows outside the step's slots changed"
+        assert not torch.equal(after[written], before[written])
+        assert torch.allclose(after, want, rtol=1e-4, atol=1e-5), f"pool {i}"

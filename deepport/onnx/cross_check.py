@@ -99,7 +99,7 @@ def single_node_model(function: str, feeds: dict, attrs: dict, out_dtypes, out_s
     return m
 
 
-def run_case(case, overrides: dict | None = None):
+def run_case(case, overrides: dict | None = None, fp8_format: str = "e4m3fn"):
     """One case through onnxruntime; returns a conformance CaseResult (never raises)."""
     from deepport.conformance.compare import Outcome, compare
     from deepport.conformance.reference import expected
@@ -107,10 +107,11 @@ def run_case(case, overrides: dict | None = None):
     from deepport.conformance.tolerances import tolerance
 
     tol = tolerance(case)
-    res = CaseResult(case.op, f"{case.name}@{LABEL}", case.dtype, "fail", LABEL, rtol=tol.rtol, atol=tol.atol)
+    suffix = LABEL if fp8_format == "e4m3fn" or case.dtype != "fp8" else f"{LABEL}:{fp8_format}"
+    res = CaseResult(case.op, f"{case.name}@{suffix}", case.dtype, "fail", LABEL, rtol=tol.rtol, atol=tol.atol)
     t0 = time.perf_counter()
     try:
-        inputs = case.make(device="cpu")
+        inputs = case.make(device="cpu", fp8_format=fp8_format)
         want = expected(case, inputs)
         function, feeds, attrs = _call(case, inputs)
     except Exception as e:
@@ -134,18 +135,20 @@ def run_case(case, overrides: dict | None = None):
     return res
 
 
-def run(*, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None, progress=None, overrides=None) -> list:
+def run(*, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None, progress=None, overrides=None,
+        fp8_format: str = "e4m3fn") -> list:
     """Cross-check every case of `tier` (ops, dtypes) in onnxruntime against cpu_ref; list of CaseResult.
 
     progress: optional callable, called as progress(done, total, text) after each case.
     overrides: {function name: FunctionProto} replacing bodies (tests use it to prove a wrong body fails).
+    fp8_format: the encoding fp8 cases are built in (e4m3fnuz: MI300's, activations quantised to 224).
     """
     from deepport.conformance.cases import all_cases
 
     cases = all_cases(tier, ops, tuple(dtypes))
     results = []
     for i, case in enumerate(cases):
-        results.append(run_case(case, overrides))
+        results.append(run_case(case, overrides, fp8_format))
         if progress:
             progress(i + 1, len(cases), f"{results[-1].case} {results[-1].status}")
     return results

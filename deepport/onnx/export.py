@@ -99,6 +99,20 @@ def _cache_context(t: Transformer):
     return context
 
 
+@contextlib.contextmanager
+def cache_context(t: Transformer):
+    """While active, t computes positions, slots and lengths from an ExportCache's tensors (DecodeStep)."""
+    saved = t.__dict__.get("_context")
+    t._context = _cache_context(t)
+    try:
+        yield t
+    finally:
+        if saved is None:
+            del t._context
+        else:
+            t._context = saved
+
+
 class DecodeStep(nn.Module):
     """S new tokens per sequence over the paged latent cache (explicit inputs and outputs).
 
@@ -157,15 +171,8 @@ def decode_model(t: Transformer, dtype: str = "fp32", block_size: int = 16) -> o
         axes["mtp_logits"] = {0: "batch", 1: "seq"}
     for n in pool_names(t):
         axes[n] = axes[n + ".out"] = {0: "n_blocks", 1: "block_size"}
-    saved = t.__dict__.get("_context")
-    t._context = _cache_context(t)
-    try:
+    with cache_context(t):
         m = _trace(DecodeStep(t), example, ["input_ids", "cache_lens", "block_table", *pool_names(t)], outs, axes)
-    finally:
-        if saved is None:
-            del t._context
-        else:
-            t._context = saved
     return _finish(m, _metadata(t, dtype, "decode", t.ops.fp8))
 
 
@@ -197,10 +204,28 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def _trace(module: nn.Module, example: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
-    for m in module.modules():  # absorbed W_UK/W_UV caches would be traced as constants
+def _forget_absorbed(module: nn.Module) -> None:
+    """Drop MLA's cached W_UK/W_UV so weight_dequant runs (and is traced or recorded) again."""
+    for m in module.modules():
         if hasattr(m, "_absorbed"):
             m._absorbed = None
+
+
+def record_calls(module: nn.Module, *args):
+    """Run an export module (Prefill, DecodeStep) eagerly; returns (outputs, [(function, args, outputs)]) with
+    one entry per deepport node of its export, in graph order (for cross_check.replay)."""
+    _forget_absorbed(module)
+    nodes.RECORD = []
+    try:
+        with torch.no_grad():
+            out = module(*args)
+        return out, nodes.RECORD
+    finally:
+        nodes.RECORD = None
+
+
+def _trace(module: nn.Module, example: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
+    _forget_absorbed(module)  # cached absorbed weights would be traced as constants
     # Through a file, not memory: past protobuf's 2 GiB the exporter writes the weights as external data.
     with tempfile.TemporaryDirectory(prefix="deepport-onnx-") as tmp, warnings.catch_warnings(), \
             torch.no_grad(), _quiet_stderr():
