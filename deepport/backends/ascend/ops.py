@@ -166,7 +166,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     if s > 1:  # MTP / chunked decode: causal among the S new tokens, bottom-right aligned
         kw.update(sparse_mode=3, atten_mask=_causal_mask(q.device), actual_seq_lengths=[s] * b)
     out, _lse = torch_npu.npu_fused_infer_attention_score(q.contiguous(), kv_cache, kv_cache, **kw)
-    return out[:, :, :h]
+    return out if hp == h else out[:, :, :h].contiguous()
 
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
