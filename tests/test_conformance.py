@@ -110,6 +110,20 @@ def test_backend_exception_is_a_fail_not_a_crash():
     assert "RuntimeError: kernel launch failed" in rep.failed[0].reason
 
 
+def test_output_off_the_backend_device_fails():
+    impls = _ref_impls()
+    impls["silu_mul"] = lambda x: ref.silu_mul(x).to("meta")  # right math, wrong place
+    impls["silu_mul"].__name__ = "silu_mul"
+    rep = run(_backend("hosty", impls), ops=["silu_mul"])
+    assert rep.failed and all("not on the backend's device cpu" in r.reason for r in rep.failed)
+
+
+def test_list_prints_every_case_of_the_tier(capsys):
+    assert cli.main(["conformance", "--list", "--tier", "full", "--ops", "moe_experts"]) == 0
+    out = capsys.readouterr().out
+    assert "moe_experts_v3_subset_fp8" in out and "16 of the 256 experts" in out
+
+
 def test_fallback_is_reported_never_pass_and_error_policy_fails_missing_ops():
     impls = {"silu_mul": ref.silu_mul}
     rep = run(_backend("partial", impls), ops=["silu_mul", "rms_norm", "linear"])
@@ -248,6 +262,8 @@ def test_usage_errors_exit_2(capsys):
     assert "unknown op(s) flash" in capsys.readouterr().err
     with pytest.raises(BackendError, match="unknown fallback policy"):
         run("cpu_ref", fallback="maybe")
+    with pytest.raises(ConfigError, match="unknown cross-check"):
+        run("cpu_ref", cross_check="tvm")
 
 
 @pytest.mark.slow

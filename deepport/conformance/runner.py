@@ -28,6 +28,14 @@ def _to_cpu(out):
     return out
 
 
+def _misplaced(out, device: torch.device) -> str:
+    """Why an op's output is not on the backend's device ("" when it is): a silent host round trip is a fail."""
+    for i, o in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+        if isinstance(o, torch.Tensor) and o.device.type != device.type:
+            return f"output {i} is on {o.device}, not on the backend's device {device}; return device tensors"
+    return ""
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -55,6 +63,13 @@ def _bind(b: Backend, fallback: str):
         return table, {op: str(e) for op, how in table.report.items() if how == "fallback"}
 
 
+def _judge(case, got, want, tol) -> Outcome:
+    try:
+        return compare(case, got, want, tol)
+    except Exception as e:  # an output compare cannot even read is the backend's failure, reported as such
+        return Outcome(False, detail=f"could not compare the output: {type(e).__name__}: {e}")
+
+
 def run_case(case, table, fmt_name: str, tol, xfail: str | None, refused: str | None) -> CaseResult:
     """Run one case on a bound table; never raises (an exception in the backend is a `fail`)."""
     impl = table.report.get(case.op, "")
@@ -72,14 +87,13 @@ def run_case(case, table, fmt_name: str, tol, xfail: str | None, refused: str | 
     try:
         dev_inputs = {k: to_device(v, table.device) for k, v in inputs.items()}
         with torch.no_grad():
-            got = _to_cpu(getattr(table, case.op)(**dev_inputs))
+            out = getattr(table, case.op)(**dev_inputs)
+        misplaced = _misplaced(out, table.device)
+        got = None if misplaced else _to_cpu(out)
     except Exception as e:
         outcome = Outcome(False, detail=f"{case.op} raised {type(e).__name__}: {e}")
     else:
-        try:
-            outcome = compare(case, got, want, tol)
-        except Exception as e:
-            outcome = Outcome(False, detail=f"could not compare the output: {type(e).__name__}: {e}")
+        outcome = Outcome(False, detail=misplaced) if misplaced else _judge(case, got, want, tol)
     res.seconds = time.perf_counter() - t0
     res.max_abs, res.max_rel = outcome.max_abs, outcome.max_rel
     if outcome.ok:
@@ -113,6 +127,8 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
     if not probe.available:
         raise BackendError(f"backend {b.name!r} is not available here: {probe.reason}; "
                            f"run `deepport backends` to see what is")
+    if cross_check not in (None, "onnxruntime"):
+        raise ConfigError(f"unknown cross-check {cross_check!r}; the one available is 'onnxruntime'")
     dtypes = tuple(dtypes)
     cases = all_cases(tier, ops, dtypes)
     pol = policy_mod.load(b.conformance_toml, case_names())
