@@ -79,9 +79,9 @@ def check_world(tp: int, ep: int) -> Layout:
         raise ConfigError(f"--tp {tp} / --ep {ep}: both must be at least 1")
     rank, world_size, _ = env_rank()
     if world_size != tp * ep:
-        how = ("run under torchrun (WORLD_SIZE is not set)" if "WORLD_SIZE" not in os.environ
+        how = ("WORLD_SIZE is not set (not launched by torchrun)" if "WORLD_SIZE" not in os.environ
                else f"this launch has {world_size} processes")
-        raise ConfigError(f"--tp {tp} x --ep {ep} needs {tp * ep} processes but {how}; launch with "
+        raise ConfigError(f"--tp {tp} x --ep {ep} needs {tp * ep} processes, but {how}; launch with "
                           f"`torchrun --nproc-per-node {tp * ep} -m deepport ...` or change --tp/--ep")
     return Layout(tp, ep, rank)
 
