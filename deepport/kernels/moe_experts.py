@@ -39,21 +39,17 @@ def _quant_rows(a, ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.co
 
 
 @triton.jit
-def _expert_dot(acc, a, w_ptrs, w_mask, ws_ptrs, ws_mask, FP8: tl.constexpr, LOWP_DOT: tl.constexpr,
-                ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
-    """acc += a [BM, BK] @ w [BN, BK]^T for one K step (fp8: a quantised 1x128, block scales applied)."""
+def _expert_dot(acc, a, a_scale, w_ptrs, w_mask, ws_ptrs, ws_mask, FP8: tl.constexpr, LOWP_DOT: tl.constexpr):
+    """acc += a [BM, BK] @ w [BN, BK]^T for one K step (fp8: a holds codes on the grid; both scales applied)."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
     if FP8:
-        codes, s = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX)
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        partial = tl.dot(codes.to(w.dtype), tl.trans(w))
+        partial = tl.dot(a.to(w.dtype), tl.trans(w))
         b_scale = tl.load(ws_ptrs, mask=ws_mask, other=0.0)
-        acc += partial * s[:, None] * b_scale[None, :]
+        acc += partial * a_scale[:, None] * b_scale[None, :]
+    elif LOWP_DOT:
+        acc += tl.dot(a.to(w.dtype), tl.trans(w))
     else:
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if LOWP_DOT:
-            acc += tl.dot(a.to(w.dtype), tl.trans(w))
-        else:
-            acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        acc += tl.dot(a, tl.trans(w.to(tl.float32)), input_precision="ieee")
     return acc
 
 
@@ -84,14 +80,15 @@ def moe_experts_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, sor
         k_ok = ks < D
         a = tl.load(x_ptr + tok[:, None] * stride_x_m + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
+        a_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+        if FP8:  # act_quant once per K block, shared by gate and up
+            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX)
         w_mask = n_ok[:, None] & k_ok[None, :]
         kb = k0 // BLOCK_K
-        acc_g = _expert_dot(acc_g, a, w1_ptr + e * stride_w1_e + offs_n[:, None] * stride_w1_n + ks[None, :], w_mask,
-                            s1_ptr + e * stride_s1_e + (offs_n // 128) * stride_s1_n + kb, n_ok,
-                            FP8, LOWP_DOT, ACT_MAX, FP8_EMIN, FP8_MAX)
-        acc_u = _expert_dot(acc_u, a, w3_ptr + e * stride_w3_e + offs_n[:, None] * stride_w3_n + ks[None, :], w_mask,
-                            s3_ptr + e * stride_s3_e + (offs_n // 128) * stride_s3_n + kb, n_ok,
-                            FP8, LOWP_DOT, ACT_MAX, FP8_EMIN, FP8_MAX)
+        acc_g = _expert_dot(acc_g, a, a_scale, w1_ptr + e * stride_w1_e + offs_n[:, None] * stride_w1_n + ks[None, :],
+                            w_mask, s1_ptr + e * stride_s1_e + (offs_n // 128) * stride_s1_n + kb, n_ok, FP8, LOWP_DOT)
+        acc_u = _expert_dot(acc_u, a, a_scale, w3_ptr + e * stride_w3_e + offs_n[:, None] * stride_w3_n + ks[None, :],
+                            w_mask, s3_ptr + e * stride_s3_e + (offs_n // 128) * stride_s3_n + kb, n_ok, FP8, LOWP_DOT)
     gate = round_for_store(acc_g, OUT_BF16)  # linear(x, w1) is rounded to x.dtype
     up = round_for_store(acc_u, OUT_BF16)
     h = round_for_store(gate / (1.0 + tl.exp(-gate)) * up, OUT_BF16)
@@ -123,10 +120,12 @@ def moe_experts_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, tw_ptr, sorted_ptr, bl
         k_ok = ks < I
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h_m + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc = _expert_dot(acc, a, w2_ptr + e * stride_w2_e + offs_n[:, None] * stride_w2_n + ks[None, :],
+        a_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+        if FP8:
+            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX)
+        acc = _expert_dot(acc, a, a_scale, w2_ptr + e * stride_w2_e + offs_n[:, None] * stride_w2_n + ks[None, :],
                           n_ok[:, None] & k_ok[None, :],
-                          s2_ptr + e * stride_s2_e + (offs_n // 128) * stride_s2_n + k0 // BLOCK_K, n_ok,
-                          FP8, LOWP_DOT, ACT_MAX, FP8_EMIN, FP8_MAX)
+                          s2_ptr + e * stride_s2_e + (offs_n // 128) * stride_s2_n + k0 // BLOCK_K, n_ok, FP8, LOWP_DOT)
     out = round_for_store(acc, OUT_BF16)  # linear(h, w2) is rounded to x.dtype before weighting
     weight = tl.load(tw_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
     tok = (pairs // TOPK).to(tl.int64)
