@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import deepport  # noqa: E402
+from deepport import models  # noqa: E402
 from deepport.core import checkpoint, registry  # noqa: E402
 from deepport.core.formats import E4M3FN  # noqa: E402
 from deepport.core.model import Transformer  # noqa: E402
@@ -17,7 +18,9 @@ STEPS = 16
 
 
 def _ids(b, s, seed):
-    return torch.randint(0, 1024, (b, s), generator=torch.Generator().manual_seed(seed))
+    """Seeded token ids of the embedded model's vocabulary (the trained model may replace the random one)."""
+    vocab = checkpoint.read_config(models.resolve(None, fp8=False))[0].vocab_size
+    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
