@@ -60,6 +60,12 @@ def test_probe_reports_missing_device(npu, monkeypatch):
     assert not p.available and "no Ascend NPU is visible" in p.reason
 
 
+def test_probe_refuses_310p(npu, monkeypatch):
+    monkeypatch.setenv("NPU_STANDIN_SOC", "202")
+    p = ascend.probe()
+    assert not p.available and "310P" in p.reason and "910B, 910C and 950" in p.reason
+
+
 @pytest.mark.parametrize("soc, fmt", [("223", None), ("250", None), ("260", "e4m3fn")])
 def test_fp8_only_on_950(npu, monkeypatch, soc, fmt):
     monkeypatch.setenv("NPU_STANDIN_SOC", soc)

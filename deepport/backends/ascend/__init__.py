@@ -35,6 +35,8 @@ def probe() -> Probe:
         return Probe(False, "torch_npu imported but no Ascend NPU is visible (check the driver, npu-smi info, "
                             "and ASCEND_RT_VISIBLE_DEVICES)")
     chip = dtype_policy.current_chip()
+    if dtype_policy.unsupported_reason(chip):
+        return Probe(False, f"{torch_npu.npu.get_device_name()}: {dtype_policy.unsupported_reason(chip)}")
     what = f"{torch_npu.npu.get_device_name()}; {dtype_policy.describe(chip)}"
     if is_stand_in():
         what = f"stand-in torch_npu (tests only, CPU tensors, results labelled stand-in): {what}"

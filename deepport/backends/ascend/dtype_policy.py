@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # (first soc, last soc, chip): torch_npu.npu.get_soc_version() values
 SOC_RANGES = ((200, 205, "310P"), (220, 225, "910B"), (250, 255, "910C"), (260, 260, "950"))
+SERVING_CHIPS = frozenset({"910B", "910C", "950"})  # 310P (Atlas inference series) computes float16 only
 FP8_CHIPS = frozenset({"950"})  # float8_e4m3fn matmul (and MXFP8 / HiFloat8); A2/A3 have int8/int4 only
 
 
@@ -54,3 +55,11 @@ def describe(chip: str | None) -> str:
     if chip in FP8_CHIPS:
         return f"Ascend {chip}: fp8 (e4m3fn) and bf16"
     return f"Ascend {chip or '(unknown chip)'}: bf16 only (FP8 checkpoints are dequantised to BF16 at load)"
+
+
+def unsupported_reason(chip: str | None) -> str | None:
+    """Why deepport cannot serve on this chip, or None; unknown SoCs are tried with the strict 910B limits."""
+    if chip == "310P":
+        return ("Ascend 310P (Atlas inference series) runs float16 only (no bf16 grouped matmul); deepport's "
+                "ascend backend serves on 910B, 910C and 950")
+    return None
