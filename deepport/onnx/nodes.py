@@ -8,10 +8,9 @@ import torch
 
 from deepport.backends.cpu_ref import ops as ref
 from deepport.core.errors import DeepportError
-from deepport.core.formats import Fp8Format, Fp8Weight
+from deepport.core.formats import FORMATS, Fp8Format, Fp8Weight
 from deepport.onnx.functions import DOMAIN, FP8_TYPES
 from deepport.onnx.runtime import TORCH_TO_ONNX
-
 
 RECORD: list | None = None  # when a list, every node call appends (function, args, outputs): node-by-node checks
 
@@ -66,13 +65,11 @@ SiluMul = _node("silu_mul", ref.silu_mul, ())
 SampleGreedy = _node("sample_greedy", lambda logits: ref.sample(logits, 0.0, 1.0, None), ())
 
 _TORCH_OF = {v: k for k, v in TORCH_TO_ONNX.items()}
-_FORMAT_OF: dict[int, Fp8Format] = {}
+_FORMAT_OF: dict[int, Fp8Format] = {FP8_TYPES[f.name]: f for f in FORMATS.values()}
 
 
 def _fp8_attrs(w: Fp8Weight) -> tuple[float, int]:
-    fmt = w.fmt
-    _FORMAT_OF[FP8_TYPES[fmt.name]] = fmt
-    return fmt.act_max, FP8_TYPES[fmt.name]
+    return float(w.fmt.act_max), FP8_TYPES[w.fmt.name]
 
 
 def rms_norm(x, weight, eps, residual=None):
@@ -88,7 +85,6 @@ def linear(x, w):
 
 
 def act_quant(x, fmt: Fp8Format, block=128):
-    _FORMAT_OF[FP8_TYPES[fmt.name]] = fmt
     return ActQuant.apply(x, float(fmt.act_max), int(block), FP8_TYPES[fmt.name])
 
 
