@@ -28,7 +28,8 @@ ids = torch.tensor([[3, 17, 99, 5, 250, 8, 42]])
 ref_logits = r.logits(ids)
 prompt = [3, 17, 99, 5]
 out = {"diff": (m.logits(ids) - ref_logits).abs().max().item(), "scale": ref_logits.abs().max().item(),
-       "tokens": m.generate(prompt, max_new_tokens=4).tokens, "tokens_mtp": m.generate(prompt, max_new_tokens=4, mtp=True).tokens,
+       "tokens": m.generate(prompt, max_new_tokens=4).tokens,
+       "tokens_mtp": m.generate(prompt, max_new_tokens=4, mtp=True).tokens,
        "tokens_ref": r.generate(prompt, max_new_tokens=4).tokens}
 from deepport.backends.ascend import ops
 out["paths"] = sorted({op for (op, path) in ops.paths() if path != ops.GENERIC})

@@ -77,7 +77,8 @@ def _decode_inputs(dtype=torch.bfloat16, c=512, r=64, s=1, h=4, p=16):
 
 @pytest.mark.parametrize("kw, word", [({}, None), ({"dtype": torch.float32}, "dtype"), ({"c": 128}, "512/64"),
                                       ({"r": 16}, "512/64"), ({"s": 17}, "1..16"), ({"h": 256}, "128"),
-                                      ({"p": 4}, "block size"), ({"p": 2048}, "block size"), ({"p": 128, "s": 16}, None)])
+                                      ({"p": 4}, "block size"), ({"p": 2048}, "block size"),
+                                      ({"p": 128, "s": 16}, None)])
 def test_mla_decode_limits(kw, word):
     why = limits.mla_decode(*_decode_inputs(**kw))
     assert (why is None) if word is None else (word in why)
@@ -85,7 +86,8 @@ def test_mla_decode_limits(kw, word):
 
 def test_mla_prefill_limits():
     bf = torch.bfloat16
-    q, k, v = torch.empty(2, 3, 4, 192, dtype=bf), torch.empty(2, 5, 4, 192, dtype=bf), torch.empty(2, 5, 4, 128, dtype=bf)
+    q, k = torch.empty(2, 3, 4, 192, dtype=bf), torch.empty(2, 5, 4, 192, dtype=bf)
+    v = torch.empty(2, 5, 4, 128, dtype=bf)
     assert limits.mla_prefill(q, k, v, True) is None
     assert "192" in limits.mla_prefill(q[..., :48], k[..., :48], v, True)
     assert "bfloat16" in limits.mla_prefill(q.float(), k.float(), v.float(), True)

@@ -37,7 +37,8 @@ def npu_rms_norm(x, gamma, epsilon=1e-6):
     _need(x.dtype in FLOATS, op, f"x dtype {x.dtype} unsupported (float16, bfloat16, float32)")
     _need(1 <= x.dim() <= 8, op, f"x must have 1 to 8 dims, got {x.dim()}")
     _need(gamma.dtype == x.dtype, op, f"gamma dtype {gamma.dtype} must equal x dtype {x.dtype}")
-    _need(gamma.dim() == 1 and gamma.shape[0] == x.shape[-1], op, f"gamma {tuple(gamma.shape)} must be [D={x.shape[-1]}]")
+    _need(gamma.dim() == 1 and gamma.shape[0] == x.shape[-1], op,
+          f"gamma {tuple(gamma.shape)} must be [D={x.shape[-1]}]")
     y, rstd = _rms(x, gamma, epsilon)
     return y.to(x.dtype), rstd
 
@@ -127,7 +128,8 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
     _need(expert_idx.dim() == 2 and expert_idx.dtype == torch.int32 and expert_idx.shape[0] == x.shape[0], op,
           f"expert_idx must be int32 (NUM_ROWS, K), got {tuple(expert_idx.shape)} {expert_idx.dtype}")
     _need(drop_pad_mode == 0, op, "the stand-in models dropless mode (drop_pad_mode=0) only")
-    _need(quant_mode == -1 and scale is None and offset is None, op, "the stand-in models quant_mode=-1 (no quant) only")
+    _need(quant_mode == -1 and scale is None and offset is None, op,
+          "the stand-in models quant_mode=-1 (no quant) only")
     _need(expert_tokens_num_type in (0, 1), op, "expert_tokens_num_type must be 0 (cumsum) or 1 (count)")
     _need(row_idx_type in (0, 1), op, "row_idx_type must be 0 (gather) or 1 (scatter)")
     _need(expert_num > 0, op, "expert_num must be given")
@@ -171,7 +173,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
           "the stand-in models the MoE form: split_item=2/3 (one output), group_type=0 (group along M)")
     _need(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3, op, "MoE form: x=[X (M, K)], weight=[W (E, K, N)]")
     xx, w = x[0], weight[0]
-    _need(xx.dtype in HALF and w.dtype == xx.dtype, op, f"x/weight dtypes {xx.dtype}/{w.dtype}: bfloat16 or float16, equal")
+    _need(xx.dtype in HALF and w.dtype == xx.dtype, op,
+          f"x/weight dtypes {xx.dtype}/{w.dtype}: bfloat16 or float16, equal")
     e, kdim, ndim = w.shape
     _need(xx.dim() == 2 and xx.shape[1] == kdim, op, f"x {tuple(xx.shape)} does not match weight (E, K={kdim}, N)")
     _need(group_list is not None and group_list.dim() == 1 and group_list.shape[0] == e, op,
@@ -287,9 +290,10 @@ def _mla_paged(op, query, key, value, query_rope, key_rope, atten_mask, actual_s
           and key_rope.dtype == key.dtype, op, "MLA mode: query/key/rope tensors must share float16/bfloat16")
     _need(query.is_contiguous() and query_rope.is_contiguous() and key.is_contiguous(), op, "non-contiguous input")
     b, s, n, d = query.shape
-    _need(d == 512 and query_rope.shape == (b, s, n, 64), op, f"MLA mode: query d must be 512, query_rope d 64")
+    _need(d == 512 and query_rope.shape == (b, s, n, 64), op, "MLA mode: query d must be 512, query_rope d 64")
     _need(1 <= s <= 16, op, f"MLA mode: query S must be 1..16, got {s}")
-    _need(n == num_heads and n in MLA_HEADS, op, f"MLA mode: query heads {n} (num_heads={num_heads}) not in {MLA_HEADS}")
+    _need(n == num_heads and n in MLA_HEADS, op,
+          f"MLA mode: query heads {n} (num_heads={num_heads}) not in {MLA_HEADS}")
     _need(num_key_value_heads == 1, op, "MLA mode: num_key_value_heads must be 1")
     _need(key is value or torch.equal(key, value), op, "MLA mode: key and value are the same latent cache")
     _need(block_table is not None and block_table.dtype == torch.int32 and block_table.dim() == 2
@@ -315,7 +319,7 @@ def _mla_paged(op, query, key, value, query_rope, key_rope, atten_mask, actual_s
 
 def _tnd(op, query, key, value, atten_mask, actual_seq_lengths, actual_seq_lengths_kv, block_table, num_heads, scale,
          input_layout, num_key_value_heads, sparse_mode):
-    _need(input_layout == "TND", op, f"the stand-in models the rope-free path with input_layout TND only")
+    _need(input_layout == "TND", op, "the stand-in models the rope-free path with input_layout TND only")
     _need(block_table is None, op, "TND with D != 512: page attention is unsupported")
     _need(query.dtype == torch.bfloat16 and key.dtype == query.dtype and value.dtype == query.dtype, op,
           "TND with D != 512: bfloat16 only")
