@@ -8,6 +8,7 @@ import torch
 
 from deepport import models
 from deepport.core import checkpoint, distributed, parallel, registry
+from deepport.core import dp_attention as dp_attention_mod
 from deepport.core.errors import DeepportError
 from deepport.core.generate import generate as _generate
 from deepport.core.model import Transformer
@@ -108,11 +109,14 @@ def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
 
 
 def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None, tp: int = 1, ep: int = 1,
-         timeout_s: float = 300.0) -> Model:
+         dp_attention: bool = False, timeout_s: float = 300.0) -> Model:
     """tp/ep > 1: tensor/expert parallelism over torch.distributed; run under torchrun with tp x ep processes
-    (see docs/parallel.md). Each rank reads only its shard of the checkpoint."""
+    (see docs/parallel.md). Each rank reads only its shard of the checkpoint. dp_attention (tp=1, ep>=2):
+    each rank attends for and caches only its own sequences."""
     b = registry.select(backend)
     layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
+    if dp_attention:
+        dp_attention_mod.check(layout)
     want_fp8 = dtype in ("fp8", "auto")
     with distributed.one_rank_at_a_time(layout):  # presets are materialised once per host
         path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
@@ -128,6 +132,8 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     world = plan = None
     if layout is not None:
         world, plan = parallel.shard(t, layout, b, fp8 is not None, timeout_s)  # refuses before any collective
+        if dp_attention:
+            dp_attention_mod.apply(t, world)
         dev = distributed.device_for(world, dev)
     checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan)
     t.inv_freq = t.inv_freq.to(dev)

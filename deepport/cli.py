@@ -52,7 +52,8 @@ def cmd_generate(a) -> int:
     from deepport.core import distributed
 
     try:
-        m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, tp=a.tp, ep=a.ep)
+        m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, tp=a.tp, ep=a.ep,
+                          dp_attention=a.dp_attention)
         prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
         if a.prompt_ids:
             prompt = [int(t) for t in a.prompt_ids.split(",")]
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (torchrun --nproc-per-node = tp x ep)")
+    p.add_argument("--dp-attention", action="store_true",
+                   help="with --ep and --tp 1: each rank attends for and caches only its own sequences")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint as bf16 / fp32 / fp8 (e4m3fn or e4m3fnuz)")

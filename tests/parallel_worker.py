@@ -1,6 +1,6 @@
 """One rank of a tests/test_parallel.py run (RANK / WORLD_SIZE / MASTER_* set by the test, as torchrun does).
 
-argv: out_dir model dtype tp ep. Writes rank<r>.pt with `collect`'s results (the test runs the same
+argv: out_dir model dtype tp ep [dp] (dp: data-parallel attention). Writes rank<r>.pt with `collect`'s results (the test runs the same
 function in one process for the expected values), or the error of a refused configuration.
 Model "collectives": the all_to_all / all_reduce contracts alone (fp8 rows over gloo, uneven splits).
 """
@@ -12,16 +12,19 @@ import torch
 import deepport
 from deepport.core import distributed
 from deepport.core.errors import DeepportError
+from deepport.core.generate import generate
 from deepport.core.parallel import weight_bytes
 
 IDS = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(7))  # ids < every model's vocab
 
 
 def collect(m) -> dict:
-    """Logits of seeded prompts, greedy / MTP-greedy / seeded-sampled tokens, weight and checkpoint bytes."""
+    """Logits of seeded prompts, greedy / MTP-greedy / seeded-sampled tokens, weight, cache and checkpoint bytes."""
     prompts = IDS.tolist()
+    greedy = generate(m.transformer, prompts, 6, eos_id=m.args.eos_token_id)
     out = {"logits": m.logits(IDS),
-           "tokens": [r.tokens for r in m.generate_batch(prompts, max_new_tokens=6)],
+           "tokens": greedy.tokens,
+           "cache_bytes": sum(t.numel() * t.element_size() for t in greedy.cache.kv + greedy.cache.pe),
            "sampled": m.generate(prompts[1], max_new_tokens=4, temperature=1.0, seed=3).tokens,
            "weight_bytes": weight_bytes(m.transformer)}
     if m.args.n_mtp_layers:
@@ -54,6 +57,7 @@ def exchange(rank: int, n: int) -> dict:
 
 def main() -> int:
     out, model, dtype, tp, ep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    dp = sys.argv[6:] == ["dp"]
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     if model == "collectives":
@@ -61,7 +65,7 @@ def main() -> int:
         return 0
     try:
         m = deepport.load(None if model == "default" else model, backend="cpu_ref", dtype=dtype, tp=tp, ep=ep,
-                          timeout_s=60)
+                          dp_attention=dp, timeout_s=60)
     except DeepportError as e:
         torch.save({"rank": rank, "error": f"{type(e).__name__}: {e}"}, os.path.join(out, f"rank{rank}.pt"))
         return 3

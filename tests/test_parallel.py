@@ -45,14 +45,14 @@ def _materialise(model: str, dtype: str) -> None:
         models.resolve(None if model == "default" else model, fp8=dtype == "fp8")
 
 
-def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300):
+def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300, extra=()):
     """Spawn tp x ep ranks; returns (per-rank results, return codes, seconds)."""
     _materialise(model, dtype)
     n = tp * ep
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
            "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), model, dtype, str(tp), str(ep)],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), model, dtype, str(tp), str(ep), *extra],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
     logs = []
@@ -274,3 +274,22 @@ def test_each_rank_loads_exactly_its_slices(model, ckpt_fp8, dtype):
                 assert p.shape == want.shape, name
                 assert torch.equal(p.view(torch.uint8) if p.dtype.itemsize == 1 else p, want.view(torch.uint8)
                                    if want.dtype.itemsize == 1 else want), f"{name} differs on rank {rank} ({tp}x{ep})"
+
+
+def test_ep2_data_parallel_attention_matches_and_caches_half_the_rows(tmp_path):
+    """--dp-attention: each EP rank attends for its own sequences (row % 2) and its cache pools hold only those."""
+    results, codes, _ = run_ranks(tmp_path, "default", "fp32", 1, 2, extra=("dp",))
+    assert codes == [0, 0]
+    want = check_same_as_one_process(results, "default", "fp32", 1, 2)
+    for r in results:  # IDS has 2 sequences: one per rank
+        assert r["cache_bytes"] == want["cache_bytes"] // 2
+
+
+def test_data_parallel_attention_needs_ep_without_tp():
+    from deepport.core import dp_attention
+
+    with pytest.raises(ConfigError, match="needs --tp 1 and --ep >= 2"):
+        dp_attention.check(Layout(2, 1))
+    with pytest.raises(ConfigError, match="needs --tp 1 and --ep >= 2"):
+        dp_attention.check(None)
+    dp_attention.check(Layout(1, 2))
