@@ -4,6 +4,8 @@ The stand-in (tests/npu_standin) implements the documented semantics and limits 
 backend calls and records every call, so these tests check which op ran, with which arguments and
 layouts, and that the result matches cpu_ref. They prove plumbing, not Ascend kernels ("stand-in").
 """
+import re
+
 import pytest
 import torch
 
@@ -264,3 +266,33 @@ def test_mla_prefill_small_heads_are_generic(npu):
     q, k, v = _rn(g, 1, 3, 2, 48), _rn(g, 1, 3, 2, 48), _rn(g, 1, 3, 2, 32)
     assert torch.equal(ops.mla_prefill(q, k, v, True, 0.2), ref.mla_prefill(q, k, v, True, 0.2))
     assert "Dk = 192" in ops.last_reason["mla_prefill"]
+
+
+def test_stand_in_refuses_calls_outside_documented_limits(npu):
+    """The stand-in is strict: the backend's pre-checks, not the stand-in's leniency, keep calls inside the limits."""
+    g = _g(13)
+    kv4, kv16 = _rn(g, 2, 4, 512), _rn(g, 2, 16, 512)
+    bad = {
+        "D must all be 64": lambda: npu.npu_interleave_rope(_rn(g, 1, 1, 2, 16), torch.ones(1, 1, 2, 16, dtype=BF),
+                                                  torch.zeros(1, 1, 2, 16, dtype=BF)),
+        "gamma dtype": lambda: npu.npu_rms_norm(_rn(g, 2, 8), torch.ones(8)),
+        "block_size 4": lambda: npu.npu_fused_infer_attention_score(
+            _rn(g, 1, 1, 4, 512), kv4, kv4, query_rope=_rn(g, 1, 1, 4, 64),
+            key_rope=_rn(g, 2, 4, 64), block_table=torch.zeros(1, 2, dtype=torch.int32), block_size=4,
+            actual_seq_lengths_kv=[3], num_heads=4, num_key_value_heads=1, input_layout="BSND"),
+        "not in (1, 2, 4": lambda: npu.npu_fused_infer_attention_score(
+            _rn(g, 1, 1, 3, 512), kv16, kv16, query_rope=_rn(g, 1, 1, 3, 64),
+            key_rope=_rn(g, 2, 16, 64), block_table=torch.zeros(1, 2, dtype=torch.int32), block_size=16,
+            actual_seq_lengths_kv=[3], num_heads=3, num_key_value_heads=1, input_layout="BSND"),
+        "covers 3 rows": lambda: npu.npu_grouped_matmul(
+            [_rn(g, 4, 8)], [_rn(g, 2, 8, 6)], group_list=torch.tensor([1, 2]), group_list_type=1, group_type=0,
+            split_item=2),
+        "probs must be": lambda: npu.npu_moe_token_unpermute(
+            _rn(g, 4, 8), torch.arange(4, dtype=torch.int32), probs=torch.rand(2, 2, generator=g)),
+        "2048x2048": lambda: npu.npu_fused_infer_attention_score(
+            _rn(g, 3, 2, 192), _rn(g, 3, 2, 192), _rn(g, 3, 2, 128), actual_seq_lengths=[3],
+            actual_seq_lengths_kv=[3], num_heads=2, input_layout="TND", sparse_mode=3),
+    }
+    for message, call in bad.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()
