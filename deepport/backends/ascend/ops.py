@@ -39,7 +39,7 @@ PROVENANCE: dict[str, str] = {
 # ops whose generic implementation is the only one (no torch_npu kernel fits the contract)
 GENERIC_ONLY = {
     "act_quant": "1x128 fp8 activation quantisation: npu_dynamic_block_quant is int8-only on 910B/910C",
-    "weight_dequant": "block fp8 dequantisation: plain torch (done once at load on 910B/910C)",
+    "weight_dequant": "block fp8 dequantisation: plain torch (910B/910C checkpoints are dequantised at load)",
     "fp8_gemm": "block-scaled fp8 GEMM: Ascend 950 fp8 matmul is not bound yet (unverified on hardware)",
 }
 
