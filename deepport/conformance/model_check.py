@@ -36,11 +36,13 @@ class Threshold:
 
 
 # Calibrated on the random-weight tiny preset (the worst-conditioned default: its sigmoid router flips
-# an expert on a 1-ulp change): cpu_ref with its bf16 outputs jittered by +-1 ulp on 10-50% of elements
-# (a correct implementation that rounds differently) reached cosine 0.996 / max rel 0.32 in bf16 and
-# 0.984 / 0.49 in fp8 (W8A8 re-quantises every activation, so an ulp can move an fp8 code). Planted faults
-# land far lower: softmax scale without YaRN mscale 0.95 / 0.60, rotate-half rope 0.93 / 0.55, missing
-# residual 0.02 / 1.5. Finer faults are the op-level cases' job; these catch a broken graph.
+# an expert on a 1-ulp change). A stand-in for a correct backend that rounds differently: cpu_ref with
+# its bf16 outputs moved by +-1 ulp on 10% of elements (far more than fp32 accumulation in another
+# order flips) reached cosine 0.9992 / max rel 0.14 in bf16 and 0.975 / 0.45 in fp8 (W8A8 re-quantises
+# every activation, so an ulp can move an fp8 code). Planted faults land lower: softmax scale without
+# YaRN mscale 0.949 (bf16) / 0.943 (fp8), rotate-half rope 0.89, group max instead of top-2 sum 0.94,
+# missing residual 0.04. Finer faults (router weights from biased scores, fp8 scale grids) are the
+# op-level cases' job; these catch a broken graph.
 THRESHOLDS = {
     "fp32": Threshold(cosine=0.9999, max_rel=0.02),
     "bf16": Threshold(cosine=0.99, max_rel=0.5),
@@ -56,8 +58,9 @@ DECODE_VS_PREFILL = {
     "fp8": Threshold(cosine=0.95, max_rel=0.75),
 }
 # Greedy: a different pick is excused only where cpu_ref's top-2 logits are closer than this (fp32
-# logits, std about 1 on the tiny model, median top-2 gap about 0.1). Jittered-but-correct runs flipped
-# picks at gaps up to 0.42 in fp8 and below 0.1 in bf16; the eps sit above those.
+# logits, std about 1 on the tiny model, median top-2 gap about 0.1). The 10%-jitter stand-in above
+# flipped picks at gaps up to 0.42 in fp8 and none in bf16; the eps sit above those, so a flip at a
+# clear margin (rotate-half rope in bf16: gap 0.42; missing residual: 0.42) is a failure.
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.25, "fp8": 0.5}
 
 
