@@ -151,6 +151,8 @@ def matrix_markdown(reports: list[Report]) -> str:
     for op in ops:
         cells = [_cell([r for r in rep.results if r.op == op and r.dtype == d]) for rep, d in cols]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: status (how the op was bound: native, composite or fallback); `-`: the op has no case "
+              "of that dtype (fp8 cases exist only where the contract takes fp8 codes)."]
     notes = [(rep, r) for rep in reports for r in rep.results if r.status in ("fail", "xfail", "skip")]
     if notes:
         lines += ["", "## Not passing", ""]
