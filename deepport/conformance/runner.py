@@ -70,9 +70,20 @@ def _judge(case, got, want, tol) -> Outcome:
         return Outcome(False, detail=f"could not compare the output: {type(e).__name__}: {e}")
 
 
+# Primitives a composite calls, per case dtype: a composite over a fallback primitive is itself a fallback.
+COMPOSITE_PRIMITIVES = {"linear": {"fp8": ("act_quant", "fp8_gemm"), "bf16": ()}}
+
+
+def _fallback_under(case, table) -> list[str]:
+    if table.report.get(case.op) != "composite":
+        return []
+    return [p for p in COMPOSITE_PRIMITIVES.get(case.op, {}).get(case.dtype, ()) if table.report.get(p) == "fallback"]
+
+
 def run_case(case, table, fmt_name: str, tol, xfail: str | None, refused: str | None) -> CaseResult:
     """Run one case on a bound table; never raises (an exception in the backend is a `fail`)."""
     impl = table.report.get(case.op, "")
+    via_fallback = _fallback_under(case, table)
     res = CaseResult(case.op, case.name, case.dtype, "fail", impl, rtol=tol.rtol, atol=tol.atol)
     t0 = time.perf_counter()
     if refused:
@@ -97,8 +108,10 @@ def run_case(case, table, fmt_name: str, tol, xfail: str | None, refused: str | 
     res.seconds = time.perf_counter() - t0
     res.max_abs, res.max_rel = outcome.max_abs, outcome.max_rel
     if outcome.ok:
-        res.status = "fallback" if impl == "fallback" else "pass"
+        res.status = "fallback" if impl == "fallback" or via_fallback else "pass"
         res.reason = outcome.detail
+        if via_fallback:
+            res.reason = f"composite over cpu_ref fallback primitive(s): {', '.join(via_fallback)}"
         if xfail:
             res.reason = f"passes although conformance.toml marks it xfail ({xfail}); remove the entry"
     elif xfail:
