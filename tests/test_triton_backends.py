@@ -41,17 +41,18 @@ def _generate(backend, dtype, prompt_ids, n):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
-def test_generate_cuda_greedy_agrees_with_cpu_ref(dtype):
-    """`deepport generate --backend cuda` under the interpreter: greedy tokens equal cpu_ref's up to the first
-    step where cpu_ref's own top-2 logits are a near-tie (the conformance suite's rule)."""
+@pytest.mark.parametrize("backend,dtype", [("cuda", "fp8"), ("cuda", "bf16"), ("rocm", "fp8")])
+def test_generate_greedy_agrees_with_cpu_ref(backend, dtype):
+    """`deepport generate --backend cuda` (and rocm: fnuz, checkpoint re-encoded at load) under the interpreter:
+    greedy tokens equal cpu_ref's up to the first step where cpu_ref's own top-2 logits are a near-tie
+    (the conformance suite's rule)."""
     import deepport
 
     prompt = [5, 17, 42, 99, 3, 64, 7]
     n = 12
-    got = _generate("cuda", dtype, prompt, n)
+    got = _generate(backend, dtype, prompt, n)
     want = _generate("cpu_ref", dtype, prompt, n)
-    assert got["backend"] == "cuda" and got["dtype"] == dtype and len(got["tokens"]) == n
+    assert got["backend"] == backend and got["dtype"] == dtype and len(got["tokens"]) == n
     same = 0
     while same < n and got["tokens"][same] == want["tokens"][same]:
         same += 1
@@ -60,5 +61,5 @@ def test_generate_cuda_greedy_agrees_with_cpu_ref(dtype):
         ids = torch.tensor([prompt + want["tokens"][:same]])
         top2 = ref.logits(ids)[0, -1].topk(2).values
         gap = float(top2[0] - top2[1])
-        assert gap <= NEAR_TIE[dtype], (f"greedy tokens diverge at step {same}: cuda {got['tokens'][same]}, "
+        assert gap <= NEAR_TIE[dtype], (f"greedy tokens diverge at step {same}: {backend} {got['tokens'][same]}, "
                                         f"cpu_ref {want['tokens'][same]}, cpu_ref top-2 gap {gap:.3f}")
