@@ -110,6 +110,17 @@ def test_backend_exception_is_a_fail_not_a_crash():
     assert "RuntimeError: kernel launch failed" in rep.failed[0].reason
 
 
+def test_nan_output_fails_and_json_stays_strict(tmp_path):
+    impls = _ref_impls()
+    impls["silu_mul"] = lambda x: torch.full_like(x[..., : x.shape[-1] // 2], float("nan"))
+    impls["silu_mul"].__name__ = "silu_mul"
+    rep = run(_backend("nan", impls), ops=["silu_mul"])
+    assert len(rep.failed) == 2 and "got nan" in rep.failed[0].reason
+    report.write_json(rep, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert data["results"][0]["max_abs"] is None and data["summary"]["fail"] == 2
+
+
 def test_output_off_the_backend_device_fails():
     impls = _ref_impls()
     impls["silu_mul"] = lambda x: ref.silu_mul(x).to("meta")  # right math, wrong place

@@ -7,6 +7,7 @@ summary{pass, fail, xfail, skip, fallback, total}, policy[...], results[CaseResu
 from __future__ import annotations
 
 import json
+import math
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -55,7 +56,12 @@ class Report:
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "tool": "deepport conformance", "backend": self.backend,
                 "label": self.label, "tier": self.tier, **self.meta, "summary": self.summary(),
-                "policy": self.policy, "results": [asdict(r) for r in self.results]}
+                "policy": self.policy, "results": [_finite(asdict(r)) for r in self.results]}
+
+
+def _finite(row: dict) -> dict:
+    """Strict JSON: a non-finite error (NaN or inf output) becomes null; the reason says what happened."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
 def _num(v) -> str:
@@ -64,7 +70,7 @@ def _num(v) -> str:
 
 def write_json(report: Report, path) -> None:
     with open(path, "w") as f:
-        json.dump(report.to_dict(), f, indent=2, allow_nan=True)
+        json.dump(report.to_dict(), f, indent=2, allow_nan=False)
         f.write("\n")
 
 
