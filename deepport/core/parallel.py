@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepport.core.config import ModelArgs
 from deepport.core import distributed
+from deepport.core.config import ModelArgs
 from deepport.core.distributed import Layout, World
 from deepport.core.errors import CheckpointError, ConfigError
-from deepport.core.model import MLA, MLP, Experts, Linear, MoE, Transformer
+from deepport.core.model import MLA, MLP, Linear, MoE, Transformer
 
 BLOCK = 128  # fp8 weight block: every fp8 shard boundary must fall on it
 
