@@ -84,3 +84,21 @@ def test_several_configs_autotune_with_a_benchmark_stub():
     assert {64, 128} <= set(chosen)  # both configs were benchmarked
     tuner = [k for k in _autotuned.values() if k.fn is k_silu_mul.silu_mul_kernel][-1]
     assert tuner.best_config.kwargs["BLOCK_I"] == 128
+
+
+def test_kernels_never_read_device_identity():
+    """Tiling and formats come from the caller: no kernel module asks torch or triton which device it runs on."""
+    import re
+    from pathlib import Path
+
+    import deepport.kernels as kernels
+
+    probes = re.compile(r"torch\.cuda\.|torch\.version\.|get_device_(capability|properties|name)|"
+                        r"driver\.active|get_current_target|is_hip\(|is_cuda\(")
+    offenders = {}
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        hits = sorted({m.group(0) for m in probes.finditer(code)})
+        if hits:
+            offenders[path.name] = hits
+    assert not offenders, f"kernel modules read device identity: {offenders}; let the backend's ops.py decide"
