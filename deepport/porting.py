@@ -117,18 +117,22 @@ OPS = {
 '''
 
 CONFORMANCE_TOML = '''\
-# Conformance overrides of backend '@NAME@'. This is the ONLY place a backend may mark a case xfail
-# or loosen a tolerance; every entry needs a reason, and every report lists every entry.
-# Case names are `<op>_<variant>_<dtype>`: see `deepport conformance --backend @NAME@` or the JSON report.
+# Conformance policy of backend '@NAME@'. This is the ONLY place a backend may mark a case xfail or
+# loosen a tolerance; every entry needs a reason, and every report lists every entry.
+# Targets: case = "<op>_<variant>_<dtype>" (fnmatch patterns allowed) or op = "<op>" (every case of it).
+# List the case names with `deepport conformance --list --tier full`. Rules: docs/PORTING.md.
 #
-# [xfail.mla_decode_ragged_fp8]
+# [[xfail]]
+# case = "mla_decode_ragged_bf16"
 # reason = "paged decode with ragged lengths lands in driver 2.4 (ticket ABC-123)"
 #
-# [tolerance.fp8_gemm_ragged_n_fp8]
-# reason = "accumulates in bf16 between 128-K promotions, as the hardware MMA does"
+# [[tolerance]]
+# op = "fp8_gemm"
 # rtol = 2e-2
 # atol = 1e-2
+# reason = "the MMA accumulates in bf16 between 128-K promotions"
 '''
+
 
 README = '''\
 # deepport-@NAME@

@@ -1,6 +1,7 @@
 """Porting kit: `deepport new-backend` writes a package that installs, is discovered, and is judged correctly."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,6 @@ def test_installed_package_is_discovered_as_plugin(installed):
 
 
 def test_installed_package_conformance_native_and_fallback_split(installed):
-    pytest.importorskip("deepport.conformance.runner", reason="conformance runner not landed yet")
     out = installed / "report.json"
     r = _run(["-m", "deepport", "conformance", "--backend", "mychip", "--tier", "quick", "--json", str(out)],
              env={"PYTHONPATH": str(installed / "site")}, cwd=installed)
@@ -64,6 +64,17 @@ def test_installed_package_conformance_native_and_fallback_split(installed):
         sorted({(c["op"], c["status"]) for c in others})
     assert {c["op"] for c in others if c["status"] == "fallback"} >= {"rms_norm", "moe_gate", "mla_decode"}
     assert not [c for c in results if c["status"] == "fail"]
+
+
+def test_conformance_toml_example_is_a_valid_policy_once_uncommented(tmp_path):
+    from deepport.conformance import policy
+    from deepport.conformance.cases import case_names
+
+    text = (new_backend("mychip", tmp_path / "pkg") / "deepport_mychip" / "conformance.toml").read_text()
+    example = "\n".join(line[2:] for line in text.splitlines() if re.match(r"# (\[\[\w+\]\]|\w+ = )", line))
+    (tmp_path / "c.toml").write_text(example)
+    entries = policy.load(tmp_path / "c.toml", case_names()).as_list()
+    assert [e["kind"] for e in entries] == ["xfail", "tolerance"] and all(e["reason"] for e in entries)
 
 
 @pytest.mark.parametrize("name,why", [("My-Chip", "one lowercase word"), ("9chip", "one lowercase word"),
