@@ -97,6 +97,8 @@ def test_mla_decode_splits_agree_with_one_split():
     one = k_decode.mla_decode(*args, 0.2, configs=[{"BLOCK_N": 16, "MAX_SPLITS": 1}])
     many = k_decode.mla_decode(*args, 0.2, configs=[{"BLOCK_N": 16, "MIN_SPLIT_TOKENS": 16, "MAX_SPLITS": 4}])
     assert k_decode.num_kv_splits(64, 4, 16) == 4
+    assert k_decode.num_kv_splits(64, 4, 16, programs=100, target_programs=256) == 3  # enough programs: fewer splits
+    assert k_decode.num_kv_splits(64, 4, 16, programs=300, target_programs=256) == 1
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
 
 

@@ -18,10 +18,12 @@ from deepport.kernels.rounding import round_for_store
 from deepport.kernels.targets import CompileSpec
 from deepport.kernels.tuning import split_config
 
-# BLOCK_M rows of the flattened (S, H) queries per program; BLOCK_N cached tokens per step;
-# up to MAX_SPLITS KV splits, each at least MIN_SPLIT_TOKENS long.
+# BLOCK_M rows of the flattened (S, H) queries per program; BLOCK_N cached tokens per step; up to
+# MAX_SPLITS KV splits, each at least MIN_SPLIT_TOKENS long, and no more than it takes to reach TARGET_PROGRAMS
+# programs (about two waves of the device's SMs/CUs: a batch that fills the device alone needs no split and
+# its partial-output traffic).
 DEFAULT_CONFIGS = [{"BLOCK_M": 16, "BLOCK_N": 32, "MAX_SPLITS": 16, "MIN_SPLIT_TOKENS": 256,
-                    "num_warps": 4, "num_stages": 2}]
+                    "TARGET_PROGRAMS": 256, "num_warps": 4, "num_stages": 2}]
 
 
 @triton.jit
@@ -122,9 +124,14 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def num_kv_splits(max_tokens: int, max_splits: int, min_split_tokens: int) -> int:
-    """KV splits for a cache of at most max_tokens per sequence (a shape, so no device read)."""
-    return max(1, min(max_splits, triton.cdiv(max_tokens, min_split_tokens)))
+def num_kv_splits(max_tokens: int, max_splits: int, min_split_tokens: int, programs: int = 1,
+                  target_programs: int | None = None) -> int:
+    """KV splits for a cache of at most max_tokens per sequence and `programs` (sequence, row block) pairs:
+    shapes only, so no device read."""
+    n = min(max_splits, triton.cdiv(max_tokens, min_split_tokens))
+    if target_programs:
+        n = min(n, triton.cdiv(target_programs, programs))
+    return max(1, n)
 
 
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale, *, configs=None):
@@ -157,13 +164,15 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale,
         return out
     rows = s * h
     max_tokens = block_table.shape[1] * p_size
-    n_splits = num_kv_splits(max_tokens, constexprs["MAX_SPLITS"], constexprs["MIN_SPLIT_TOKENS"])
+    row_blocks = triton.cdiv(rows, block_m)
+    n_splits = num_kv_splits(max_tokens, constexprs["MAX_SPLITS"], constexprs["MIN_SPLIT_TOKENS"], b * row_blocks,
+                             constexprs["TARGET_PROGRAMS"])
     split_len = triton.cdiv(triton.cdiv(max_tokens, n_splits), block_n) * block_n
     part_o = torch.empty(b, rows, n_splits, c, dtype=torch.float32, device=q_latent.device)
     part_ml = torch.empty(b, rows, n_splits, 2, dtype=torch.float32, device=q_latent.device)
     lowp = q_latent.dtype in (torch.bfloat16, torch.float16) and q_latent.dtype == kv_cache.dtype \
         and not settings.triton_interpret()
-    grid = (b, triton.cdiv(rows, block_m), n_splits)
+    grid = (b, row_blocks, n_splits)
     mla_decode_kernel[grid](
         q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, part_o, part_ml,
         s, h, float(scale), split_len,
