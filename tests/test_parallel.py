@@ -311,3 +311,35 @@ def test_data_parallel_attention_needs_ep_without_tp():
     with pytest.raises(ConfigError, match="needs --tp 1 and --ep >= 2"):
         dp_attention.check(None)
     dp_attention.check(Layout(1, 2))
+
+
+def test_unused_checkpoint_tensors_are_never_read(tmp_path):
+    """Layer-61-style copies of the embedding and extra MTP depths are skipped before reading, sharded or not."""
+    from safetensors.torch import save_file
+
+    from deepport.core import checkpoint, parallel, registry
+    from deepport.core.distributed import World
+    from deepport.core.model import Transformer
+
+    src = models.resolve("tiny", fp8=False)
+    args, _ = checkpoint.read_config(src)
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        shutil.copy(src / f, tmp_path / f)
+    g = torch.Generator().manual_seed(5)
+    extra = args.n_layers + args.n_mtp_layers
+    save_file({f"model.layers.{args.n_layers}.embed_tokens.weight": torch.randn(args.vocab_size, args.dim, generator=g),
+               f"model.layers.{extra}.mlp.gate.weight": torch.randn(args.n_routed_experts, args.dim, generator=g)},
+              str(tmp_path / "extra.safetensors"))
+
+    def load(path):
+        t = Transformer(args, registry.bind(registry.get_backend("cpu_ref")), dtype=torch.float32, device="meta")
+        plan = parallel.apply(t, World(Layout(2, 1, 0)), fp8=False)
+        checkpoint.load_into(t, path, torch.float32, None, torch.device("cpu"), shard=plan)
+        return t, plan
+
+    (plain, plain_plan), (padded, padded_plan) = load(src), load(tmp_path)
+    assert padded_plan.bytes_total == plain_plan.bytes_total  # the extra tensors were never offered to the plan
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), padded.parameters()))
+    whole = deepport.load(src, backend="cpu_ref", dtype="fp32").transformer
+    padded_whole = deepport.load(tmp_path, backend="cpu_ref", dtype="fp32").transformer  # unsharded: skipped too
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), padded_whole.parameters()))

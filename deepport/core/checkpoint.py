@@ -89,6 +89,15 @@ def hf_specs(args: ModelArgs) -> dict[str, Spec]:
 _SHARED_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
 
+def _unused(name: str, args: ModelArgs) -> bool:
+    """Tensors a checkpoint may hold that deepport never loads: shared copies, extra MTP depths, rotary tables."""
+    base = name.removesuffix("_scale_inv")
+    if _SHARED_COPIES.search(base) or base.endswith("rotary_emb.inv_freq"):
+        return True
+    layer = re.match(r"model\.layers\.(\d+)\.", base)
+    return bool(layer) and int(layer.group(1)) >= args.n_layers + args.n_mtp_layers
+
+
 def _progress(i: int, n: int, what: str) -> None:
     """A bar on a terminal; one line per shard in logs (multi-shard checkpoints only)."""
     if not settings.progress_enabled():
@@ -206,6 +215,8 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
 
     def select(name, shape, dtype):
         shapes[name] = shape
+        if name.removesuffix("_scale_inv") not in specs and _unused(name, args):
+            return None  # never read (V3's layer-61 copies of the embedding and head are 1.85 GB each)
         if shard is None:
             return ()
         region = shard.region(name, specs.get(name.removesuffix("_scale_inv")), shape, dtype)
@@ -216,11 +227,6 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     for name, t, scale in _fp8_pairs(path, select):
         spec = specs.get(name)
         if spec is None:
-            if _SHARED_COPIES.search(name) or re.match(r"model\.layers\.(\d+)\.", name) and \
-                    int(re.match(r"model\.layers\.(\d+)\.", name).group(1)) >= args.n_layers + args.n_mtp_layers:
-                continue  # shared copies, or extra MTP depths we do not use
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
             raise CheckpointError(f"unexpected tensor {name} in {path}; the checkpoint does not match config.json")
         if shapes.get(name, tuple(t.shape)) != spec.shape:
             raise CheckpointError(f"tensor {name} has shape {shapes[name]}, expected {spec.shape} from config.json; "
