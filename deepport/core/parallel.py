@@ -195,13 +195,12 @@ def _row_parallel(lin: Linear, ops, group) -> None:
     lin.register_forward_hook(reduce)
 
 
-def _shard_mlp(mlp: MLP, tp: int, reduce_group, ops) -> None:
+def _shard_mlp(mlp: MLP, tp: int) -> None:
+    """w1/w3 column-parallel, w2 row-parallel (its partial output is reduced by the caller)."""
     inter = mlp.w1.out_features // tp
     _resize(mlp.w1, inter, mlp.w1.in_features)
     _resize(mlp.w3, inter, mlp.w3.in_features)
     _resize(mlp.w2, mlp.w2.out_features, inter)
-    if reduce_group is not False:
-        _row_parallel(mlp.w2, ops, reduce_group)
 
 
 def _shard_attention(attn: MLA, tp: int, group, ops) -> None:
@@ -259,7 +258,7 @@ class ParallelMoE(nn.Module):
                 setattr(self.experts, name + "_scale_inv",
                         _meta((self.n_local, -(-shape[1] // b), -(-shape[2] // b)), s))
         if lay.tp > 1:
-            _shard_mlp(self.shared_experts, lay.tp, False, self.ops)  # reduced with the routed output below
+            _shard_mlp(self.shared_experts, lay.tp)  # reduced with the routed output in forward
         self.last_topk_ids = None
 
     def forward(self, x):
@@ -338,7 +337,8 @@ def apply(model: Transformer, world: World, fp8: bool) -> ShardPlan:
         if isinstance(block.ffn, MoE):
             block.ffn = ParallelMoE(block.ffn, world)
         elif lay.tp > 1:
-            _shard_mlp(block.ffn, lay.tp, world.tp_group, ops)
+            _shard_mlp(block.ffn, lay.tp)
+            _row_parallel(block.ffn.w2, ops, world.tp_group)
     if lay.world_size > 1:
         _broadcast_sampling(ops, world)
     return ShardPlan(model.args, lay)
