@@ -127,5 +127,7 @@ def test_moe_experts_preconditions():
         k_moe.moe_experts(x, tw, ids, fp8[0], plain[1], plain[2])
     with pytest.raises(ContractError, match="multiples of 128"):
         k_moe.moe_experts(x, tw, ids, *_experts(4, 96, 128, torch.bfloat16, "e4m3fn", g))
+    with pytest.raises(ContractError, match="must be in x.dtype"):
+        k_moe.moe_experts(x.bfloat16(), tw, ids, *plain)
     with pytest.raises(ContractError, match=r"\[E, I, D=96\]"):
         k_moe.moe_experts(x, tw, ids, plain[0], plain[1], plain[0][:, :32])

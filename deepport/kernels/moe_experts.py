@@ -164,6 +164,9 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, *, configs=None):
                             f"(the activation quantisation block); pad the weights or use bf16 experts")
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise ContractError(f"moe_experts: x must be fp32 or bf16, got {x.dtype}")
+    if fmt is None and not (c1.dtype == c2.dtype == c3.dtype == x.dtype):
+        raise ContractError(f"moe_experts: expert weights ({c1.dtype}, {c2.dtype}, {c3.dtype}) must be in x.dtype "
+                            f"{x.dtype}; cast them once at load, not per call")
     for name, t in (("x", x), ("w1", c1), ("w2", c2), ("w3", c3)):
         if t.stride(-1) != 1:
             raise ContractError(f"moe_experts: {name} needs a contiguous last dim; call .contiguous() first")
