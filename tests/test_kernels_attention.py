@@ -24,7 +24,7 @@ def _assert_close(got, want):
 # (B, S, T, H, Dk, Dv, causal): tiny preset dims (48 = 32 + 16), 671B dims (192 = 128 + 64), prefix in K/V,
 # S and T not multiples of the 32-row tiles, and full (non-causal) attention.
 PREFILL = [(2, 5, 5, 2, 48, 32, True), (1, 37, 45, 2, 48, 32, True), (1, 9, 40, 1, 192, 128, True),
-           (2, 7, 19, 3, 48, 32, False)]
+           (2, 7, 19, 3, 48, 32, False), (1, 1, 70, 2, 128, 64, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,6 +79,7 @@ DECODE = [
     ([5, 23], 1, 2, 64, 16, 8, 4, {"BLOCK_N": 16, "MIN_SPLIT_TOKENS": 8}),
     ([19, 3, 40], 3, 4, 128, 16, 16, 3, {"BLOCK_N": 16, "MIN_SPLIT_TOKENS": 16}),
     ([33], 2, 3, 64, 16, 16, 4, None),
+    ([32, 16, 48], 1, 2, 64, 16, 16, 3, {"BLOCK_N": 16, "MIN_SPLIT_TOKENS": 16}),  # exact page/split multiples
     ([7, 2], 2, 2, 512, 64, 16, 1, None),
 ]
 
