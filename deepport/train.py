@@ -207,6 +207,8 @@ def cmd_train_tiny(a) -> int:
     args = MICRO if a.micro else TINY_TRAINED
     corpus = train_data.stdlib_corpus(TOKENIZER, heldout_every=a.heldout_every)
     print(f"# corpus: {corpus.describe()}", file=sys.stderr, flush=True)
+    if a.evaluate:
+        return _evaluate_checkpoint(a, corpus)
     state = Path(a.state) if a.state else None
     t, history = train(args, a.steps, a.batch, a.seq_len, lr=a.lr, warmup=a.warmup, mtp_lambda=a.mtp_lambda,
                        gamma=a.gamma, seed=a.seed, max_minutes=a.max_minutes, data=corpus, state_path=state,
@@ -227,6 +229,19 @@ def cmd_train_tiny(a) -> int:
     return 0
 
 
+def _evaluate_checkpoint(a, corpus) -> int:
+    """Held-out numbers of a written checkpoint as deepport loads it (fp8 and bf16 on cpu_ref)."""
+    import deepport
+
+    windows = corpus.heldout_windows(a.eval_windows, a.seq_len + 1, a.seed)
+    out = {}
+    for dtype in ("fp8", "bf16"):
+        m = deepport.load(a.evaluate, backend="cpu_ref", dtype=dtype)
+        out[dtype] = evaluate(m.transformer, windows)
+    print(json.dumps({"checkpoint": str(a.evaluate), "heldout": out}, indent=1))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("train-tiny", help="train the embedded tiny model on the stdlib sources (cpu_ref, autograd)")
     p.add_argument("--output", default=str(DEFAULT_OUT))
@@ -244,4 +259,5 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="safety stop (then the weights differ)")
     p.add_argument("--state", default=None, help="checkpoint file for periodic saves and resuming")
     p.add_argument("--micro", action="store_true", help="a 2-layer micro config (smoke tests)")
+    p.add_argument("--evaluate", default=None, metavar="DIR", help="only report held-out numbers of checkpoint DIR")
     p.set_defaults(fn=cmd_train_tiny)
