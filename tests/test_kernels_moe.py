@@ -28,9 +28,13 @@ def _experts(e, d, i, dtype, fmt, g):
     return [w.to(dtype) for w in ws]
 
 
-def test_moe_align_layout():
+PATHS = pytest.mark.parametrize("max_pairs", [4096, 0], ids=["triton", "torch"])  # one-program kernel / torch ops
+
+
+@PATHS
+def test_moe_align_layout(max_pairs):
     ids = torch.tensor([[2, 0], [2, -1], [0, 2], [3, 2]])  # expert 1 gets nothing; one pair dropped
-    sorted_pairs, block_expert = moe_align(ids, 4, 2)
+    sorted_pairs, block_expert = moe_align(ids, 4, 2, max_pairs)
     n_pairs = ids.numel()
     assert block_expert.shape[0] == max_blocks(8, 4, 2) == 8
     assert block_expert.tolist() == [0, 2, 2, 3, -1, -1, -1, -1]
@@ -39,10 +43,11 @@ def test_moe_align_layout():
     assert (sorted_pairs[8:] == n_pairs).all()
 
 
-def test_moe_align_is_a_permutation_of_the_routed_pairs():
+@PATHS
+def test_moe_align_is_a_permutation_of_the_routed_pairs(max_pairs):
     g = _gen(1)
     ids = torch.randint(-1, 9, (37, 3), generator=g)
-    sorted_pairs, block_expert = moe_align(ids, 9, 8)
+    sorted_pairs, block_expert = moe_align(ids, 9, 8, max_pairs)
     rows = sorted_pairs.view(-1, 8)
     real = sorted_pairs[sorted_pairs < ids.numel()].long()
     assert sorted(real.tolist()) == [p for p in range(ids.numel()) if ids.flatten()[p] >= 0]
@@ -52,6 +57,14 @@ def test_moe_align_is_a_permutation_of_the_routed_pairs():
             assert pairs.numel() == 0
         else:
             assert pairs.numel() > 0 and (ids.flatten()[pairs] == e).all()
+
+
+def test_moe_align_kernel_matches_torch_path_at_v3_routing():
+    g = _gen(2)
+    ids = torch.stack([torch.randperm(256, generator=g)[:8] for _ in range(48)])  # 384 pairs over 256 experts
+    ids[3, 2] = -1
+    kernel, torch_ops = moe_align(ids, 256, 16), moe_align(ids, 256, 16, max_pairs=0)
+    assert torch.equal(kernel[0], torch_ops[0]) and torch.equal(kernel[1], torch_ops[1])
 
 
 # (M, D, I, E, k, dtype, fp8 format): D/I not multiples of the K tile (bf16), decode-sized (cpu_ref's
