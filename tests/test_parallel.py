@@ -45,9 +45,7 @@ def _materialise(model: str, dtype: str) -> None:
         models.resolve(None if model == "default" else model, fp8=dtype == "fp8")
 
 
-def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300, extra=()):
-    """Spawn tp x ep ranks; returns (per-rank results, return codes, seconds)."""
-    _materialise(model, dtype)
+def _spawn(tmp_path, model, dtype, tp, ep, timeout, extra):
     n = tp * ep
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
            "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
@@ -63,8 +61,18 @@ def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300, extra=()):
         for p in procs:
             p.kill()
         pytest.fail(f"{n} ranks did not finish in {timeout}s (a hang)")
-    seconds = time.monotonic() - t0
-    codes = [p.returncode for p in procs]
+    return [p.returncode for p in procs], logs, time.monotonic() - t0
+
+
+def run_ranks(tmp_path, model, dtype, tp, ep, timeout=300, extra=(), expect=0):
+    """Spawn tp x ep ranks; every rank must exit with `expect`. Returns (per-rank results, return codes, seconds)."""
+    _materialise(model, dtype)
+    n = tp * ep
+    codes, logs, seconds = _spawn(tmp_path, model, dtype, tp, ep, timeout, extra)
+    if any(c != expect for c in codes) and any("address already in use" in log.lower() for log in logs):
+        codes, logs, seconds = _spawn(tmp_path, model, dtype, tp, ep, timeout, extra)  # the port was taken meanwhile
+    bad = [r for r in range(n) if codes[r] != expect]
+    assert not bad, "\n".join(f"rank {r} exited {codes[r]}, expected {expect}:\n{logs[r][-3000:]}" for r in bad)
     results = []
     for r in range(n):
         f = tmp_path / f"rank{r}.pt"
@@ -188,7 +196,7 @@ def test_world_size_must_match_tp_times_ep(monkeypatch):
     ("fp32", 3, "n_heads 4 is not divisible by --tp 3"),
 ])
 def test_misconfigured_run_fails_on_every_rank_without_hanging(tmp_path, dtype, tp, match):
-    results, codes, seconds = run_ranks(tmp_path, "tiny", dtype, tp, 1, timeout=120)
+    results, codes, seconds = run_ranks(tmp_path, "tiny", dtype, tp, 1, timeout=120, expect=3)
     assert codes == [3] * tp
     for r in results:
         assert "ConfigError" in r["error"]
