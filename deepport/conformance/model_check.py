@@ -36,16 +36,18 @@ class Threshold:
 
 
 # Calibrated on the random-weight tiny preset (the worst-conditioned default: its sigmoid router flips
-# an expert on a 1-ulp change). A stand-in for a correct backend that rounds differently: cpu_ref with
-# its bf16 outputs moved by +-1 ulp on 10% of elements (far more than fp32 accumulation in another
-# order flips) reached cosine 0.9992 / max rel 0.14 in bf16 and 0.975 / 0.45 in fp8 (W8A8 re-quantises
-# every activation, so an ulp can move an fp8 code). Planted faults land lower: softmax scale without
-# YaRN mscale 0.949 (bf16) / 0.943 (fp8), rotate-half rope 0.89, group max instead of top-2 sum 0.94,
+# an expert on a 1-ulp change). A real second implementation, the cuda backend's Triton kernels under
+# TRITON_INTERPRET=1, reached cosine 0.99998 / max rel 0.007 in bf16 (every check) and matched cpu_ref
+# exactly in fp8. A harsher stand-in, cpu_ref with its bf16 outputs moved by +-1 ulp on 10% of elements
+# (far more than fp32 accumulation in another order flips), reached 0.9976 / 0.18 in bf16 (worst check)
+# and 0.975 / 0.45 in fp8 (W8A8 re-quantises every activation, so an ulp can move an fp8 code). Planted
+# faults land lower: softmax scale without YaRN mscale 0.949 (bf16) / 0.943 (fp8), the same in decode
+# 0.856, rotate-half rope 0.89, group max instead of top-2 sum 0.94, decode mask off by one 0.974,
 # missing residual 0.04. Finer faults (router weights from biased scores, fp8 scale grids) are the
 # op-level cases' job; these catch a broken graph.
 THRESHOLDS = {
     "fp32": Threshold(cosine=0.9999, max_rel=0.02),
-    "bf16": Threshold(cosine=0.99, max_rel=0.5),
+    "bf16": Threshold(cosine=0.995, max_rel=0.3),
     "fp8": Threshold(cosine=0.97, max_rel=0.75),
 }
 # A backend's decode against its own full prefill: the two paths round differently by design (the
@@ -54,7 +56,7 @@ THRESHOLDS = {
 # 0.01 in bf16). The same check against cpu_ref's own decode uses THRESHOLDS.
 DECODE_VS_PREFILL = {
     "fp32": Threshold(cosine=0.9999, max_rel=0.02),
-    "bf16": Threshold(cosine=0.99, max_rel=0.5),
+    "bf16": Threshold(cosine=0.995, max_rel=0.3),
     "fp8": Threshold(cosine=0.95, max_rel=0.75),
 }
 # Greedy: a different pick is excused only where cpu_ref's top-2 logits are closer than this (fp32
