@@ -349,7 +349,9 @@ def shard(model: Transformer, layout: Layout, backend, fp8: bool, timeout_s: flo
 
     `backend` is the registry Backend (its dist_backend and device_type pick the collective library)."""
     check_split(model.args, layout, fp8)
-    world = distributed.init(layout, backend.dist_backend, backend.device_type, timeout_s)
+    device_type = backend.device().type  # cpu for a Triton backend under TRITON_INTERPRET=1
+    dist_backend = "gloo" if device_type == "cpu" else backend.dist_backend
+    world = distributed.init(layout, dist_backend, device_type, timeout_s)
     return world, apply(model, world, fp8)
 
 
