@@ -351,3 +351,25 @@ def test_unused_checkpoint_tensors_are_never_read(tmp_path):
     whole = deepport.load(src, backend="cpu_ref", dtype="fp32").transformer
     padded_whole = deepport.load(tmp_path, backend="cpu_ref", dtype="fp32").transformer  # unsharded: skipped too
     assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), padded_whole.parameters()))
+
+
+@pytest.mark.slow  # Triton interpreter: about a minute
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this python")
+def test_torchrun_cuda_backend_tp2_under_the_interpreter(tmp_path):
+    """The cuda backend's Triton kernels (TRITON_INTERPRET=1, so CPU tensors and gloo) at TP=2: the same
+    greedy tokens as cpu_ref in one process. Evidence label: interpreter."""
+    _skip_unless_default_splits("default", "bf16", 2, 1)
+    _materialise("default", "bf16")
+    prompt = [5, 6, 7, 8]
+    want = deepport.load(None, backend="cpu_ref", dtype="bf16").generate(prompt, max_new_tokens=3).tokens
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0",
+           "TMPDIR": str(tmp_path)}
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "deepport", "generate", "--tp", "2",
+                        "--backend", "cuda", "--dtype", "bf16", "--prompt-ids", ",".join(map(str, prompt)),
+                        "--max-new-tokens", "3", "--json"], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "cuda" and out["tokens"] == want
