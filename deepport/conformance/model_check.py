@@ -35,32 +35,35 @@ class Threshold:
     #                 meaningless for logits near zero)
 
 
-# Calibrated on the random-weight tiny preset (the worst-conditioned default: its sigmoid router flips
-# an expert on a 1-ulp change). A real second implementation, the cuda backend's Triton kernels under
-# TRITON_INTERPRET=1, reached cosine 0.99998 / max rel 0.007 in bf16 (every check) and matched cpu_ref
-# exactly in fp8. A harsher stand-in, cpu_ref with its bf16 outputs moved by +-1 ulp on 10% of elements
-# (far more than fp32 accumulation in another order flips), reached 0.9976 / 0.18 in bf16 (worst check)
-# and 0.975 / 0.45 in fp8 (W8A8 re-quantises every activation, so an ulp can move an fp8 code). Planted
-# faults land lower: softmax scale without YaRN mscale 0.949 (bf16) / 0.943 (fp8), the same in decode
-# 0.856, rotate-half rope 0.89, group max instead of top-2 sum 0.94, decode mask off by one 0.974,
-# missing residual 0.04. Finer faults (router weights from biased scores, fp8 scale grids) are the
-# op-level cases' job; these catch a broken graph.
+# Calibrated on both default checkpoints: the random-weight tiny preset (worst-conditioned: its sigmoid
+# router flips an expert on a 1-ulp change) and the trained tiny model (docs/models/tiny.md). A real
+# second implementation, the cuda backend's Triton kernels under TRITON_INTERPRET=1 (random preset),
+# reached cosine 0.99998 / max rel 0.007 in bf16 and matched cpu_ref to the bit in fp8. A harsher
+# stand-in, cpu_ref with its bf16 outputs moved by +-1 ulp on 10% of elements (far more than fp32
+# accumulation in another order flips), reached at worst 0.9976 / 0.18 in bf16 and 0.975 / 0.45 in fp8
+# on the random preset (W8A8 re-quantises every activation, so an ulp can move an fp8 code), and
+# 0.9989 / 0.12 on the trained model. Planted faults (random preset, bf16): softmax scale without YaRN
+# mscale 0.949 (0.856 in decode), rotate-half rope 0.89, group max instead of top-2 sum 0.94, decode
+# mask off by one 0.974, missing residual 0.04; the trained model hides the softer ones (mscale 0.998,
+# group max 0.997) but still fails rope, residual and the decode mask. The op-level cases are the
+# precise judge (they fail every planted fault); these catch a graph that does not compose.
 THRESHOLDS = {
     "fp32": Threshold(cosine=0.9999, max_rel=0.02),
     "bf16": Threshold(cosine=0.995, max_rel=0.3),
     "fp8": Threshold(cosine=0.97, max_rel=0.75),
 }
 # A backend's decode against its own full prefill: the two paths round differently by design (the
-# absorbed decode path uses the dequantised wkv_b on the bf16 latent; prefill re-quantises the latent
-# for the fp8 wkv_b GEMM), so cpu_ref itself reaches only cosine 0.980 / max rel 0.44 in fp8 (0.9999 /
-# 0.01 in bf16). The same check against cpu_ref's own decode uses THRESHOLDS.
+# absorbed decode path multiplies q by the dequantised wkv_b; prefill expands K/V through wkv_b, in
+# fp8 after re-quantising the latent), so cpu_ref itself reaches only cosine 0.980 / max rel 0.44 in
+# fp8 on the random preset and 0.9967 / 0.21 in bf16 on the trained model. This is a sanity bound; the
+# same decode against cpu_ref's own decode uses THRESHOLDS and is the sharp check.
 DECODE_VS_PREFILL = {
     "fp32": Threshold(cosine=0.9999, max_rel=0.02),
-    "bf16": Threshold(cosine=0.995, max_rel=0.3),
+    "bf16": Threshold(cosine=0.99, max_rel=0.5),
     "fp8": Threshold(cosine=0.95, max_rel=0.75),
 }
 # Greedy: a different pick is excused only where cpu_ref's top-2 logits are closer than this (fp32
-# logits, std about 1 on the tiny model, median top-2 gap about 0.1). The 10%-jitter stand-in above
+# logits, std about 1 on the random preset, median top-2 gap about 0.1). The 10%-jitter stand-in above
 # flipped picks at gaps up to 0.42 in fp8 and none in bf16; the eps sit above those, so a flip at a
 # clear margin (rotate-half rope in bf16: gap 0.42; missing residual: 0.42) is a failure.
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.25, "fp8": 0.5}
