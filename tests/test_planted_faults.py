@@ -70,3 +70,10 @@ def test_full_cli_run_fails_only_the_planted_op(site, tmp_path):
                                                                  if c["status"] not in ("pass", "skip")]
     assert "mla_decode_mtp_bf16" in {c["case"] for c in res if c["status"] == "fail"}
     assert "<failure" in junit.read_text() and "mla_decode" in r.stdout
+
+
+def test_model_check_fails_the_graph_of_a_planted_fault(site):
+    rep = runner.run("planted_noresidual", tier="quick", ops=["rms_norm"], dtypes=("bf16",), model_check=True)
+    failed = {r.case for r in rep.failed}
+    assert "rms_norm_residual_bf16" in failed and "model_logits_bf16" in failed, failed
+    assert all(r.impl == "native" for r in rep.results if r.op == "model")
