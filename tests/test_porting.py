@@ -101,3 +101,12 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     (tmp_path / "x").write_text("a file")
     r = _run(["-m", "deepport", "new-backend", "mychip", "--output", str(tmp_path / "x")])
     assert r.returncode == 2 and "choose a new or empty directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_probe_of_a_missing_device_says_why(tmp_path):
+    pkg = new_backend("farchip", tmp_path / "pkg", device_type="npu")
+    r = _run(["-c", "import deepport_farchip as m; p = m.BACKEND.probe(); print(p.available, '|', p.reason)"],
+             env={"PYTHONPATH": str(pkg)})
+    assert r.returncode == 0, r.stderr
+    available, reason = r.stdout.strip().split(" | ")
+    assert available == "False" and "torch.npu is not available" in reason
