@@ -75,3 +75,12 @@ def test_inert_without_backend_and_usage_error_for_unknown(tmp_path):
     assert r.returncode == 0 and "1 skipped" in r.stdout and "--deepport-backend NAME" in r.stdout
     r = _pytest(["--deepport-backend", "nosuch", "-q"], cwd=tmp_path)
     assert r.returncode == 4 and "unknown backend 'nosuch'" in r.stderr, r.stderr[-2000:]
+
+
+def test_model_check_tests_with_their_own_mark(tmp_path):
+    site = install(tmp_path / "site")
+    r = _pytest(["--deepport-backend", "planted_noresidual", "--deepport-ops", "silu_mul", "--deepport-dtype", "bf16",
+                 "--deepport-model-check", "-m", "model", "-q", "-rf"], cwd=tmp_path, pythonpath=site)
+    failed = {line.split("[")[1].split("]")[0] for line in r.stdout.splitlines() if line.startswith("FAILED")}
+    assert r.returncode == 1 and "model_logits_bf16" in failed, r.stdout[-3000:]
+    assert "2 deselected" in r.stdout  # the silu_mul cases, not marked `model`

@@ -23,6 +23,8 @@ def pytest_addoption(parser):
     g.addoption("--deepport-fallback", default="reference", choices=("reference", "error"),
                 help="ops the backend lacks: run cpu_ref's code and report fallback (reference) or fail (error)")
     g.addoption("--deepport-ops", default=None, metavar="OPS", help="comma-separated op names (default: every op)")
+    g.addoption("--deepport-model-check", action="store_true",
+                help="add the end-to-end checks on the embedded tiny checkpoint (tests model_<check>_<dtype>)")
 
 
 def _active(config) -> bool:
@@ -36,6 +38,7 @@ def pytest_configure(config):
 
     for op in CONTRACTS:
         config.addinivalue_line("markers", f"{op}: deepport conformance cases of the {op} op contract")
+    config.addinivalue_line("markers", "model: deepport end-to-end model checks (--deepport-model-check)")
     from deepport.core import registry
     from deepport.core.errors import DeepportError
 
@@ -67,8 +70,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(FIXTURE, [pytest.param(None, marks=pytest.mark.skip(
             reason="pass --deepport-backend NAME to run the deepport conformance cases"))], ids=["inactive"])
         return
-    params = [pytest.param(c, id=c.name, marks=getattr(pytest.mark, c.op)) for c in s.cases]
+    params = [pytest.param(c, id=c.name, marks=getattr(pytest.mark, c.op)) for c in s.cases + s.model_cases]
     metafunc.parametrize(FIXTURE, params)
+
+
+class ModelCase:
+    """One end-to-end check of deepport.conformance.model_check, as a parametrized case."""
+
+    op = "model"
+
+    def __init__(self, check: str, dtype: str):
+        self.name, self.dtype = f"model_{check}_{dtype}", dtype
 
 
 class _Session:
@@ -92,6 +104,11 @@ class _Session:
         except DeepportError as e:
             raise pytest.UsageError(str(e)) from None
         self.tables: dict[str, tuple] = {}
+        self.model_cases, self.model_results = [], None
+        if config.getoption("--deepport-model-check"):
+            from deepport.conformance.model_check import CHECKS
+
+            self.model_cases = [ModelCase(c, d) for d in self.dtypes for c in CHECKS]
 
     def table(self, dtype: str):
         """(skip reason or None, table, {op: refusal}) for `dtype`, bound once."""
@@ -103,6 +120,13 @@ class _Session:
         return self.tables[dtype]
 
     def run(self, case):
+        if isinstance(case, ModelCase):  # the model is loaded once per dtype: run every check on first use
+            if self.model_results is None:
+                from deepport.conformance import model_check
+
+                self.model_results = {r.case: r for r in model_check.run(
+                    self.backend, dtypes=self.dtypes, fallback=self.fallback)}
+            return self.model_results[case.name]
         from deepport.conformance import runner
         from deepport.conformance.report import CaseResult
         from deepport.conformance.tolerances import tolerance
