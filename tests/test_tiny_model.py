@@ -59,6 +59,18 @@ def test_training_smoke_loss_falls_and_mtp_is_trained():
     assert len(last["max_over_mean_load"]) == train.MICRO.n_layers - train.MICRO.n_dense_layers + 1  # + MTP's MoE
 
 
+def test_resume_from_state_reproduces_the_uninterrupted_run(tmp_path):
+    kw = dict(lr=3e-3, warmup=2, seed=0, log_every=1, data=_pattern_corpus(1), log=lambda s: None)
+    _, straight = train.train(train.MICRO, 6, 2, 16, **kw)
+    state = tmp_path / "state.pt"
+    train.train(train.MICRO, 6, 2, 16, max_minutes=0, state_path=state, save_every=1, **kw)  # stops after step 1
+    logs = []
+    _, resumed = train.train(train.MICRO, 6, 2, 16, state_path=state, save_every=100, **{**kw, "log": logs.append})
+    assert logs[0].endswith("at step 1")  # it did resume (a fresh run would give the same losses too)
+    assert [r["loss"] for r in resumed["steps"]] == [r["loss"] for r in straight["steps"]]
+    assert [r["mtp_loss"] for r in resumed["steps"]] == [r["mtp_loss"] for r in straight["steps"]]
+
+
 def test_gradients_reach_every_trained_part():
     t = train.build(train.MICRO, seed=1)
     x = torch.randint(2, 1024, (2, 17), generator=torch.Generator().manual_seed(1))
