@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from deepport.core.config import ModelArgs, preset
+from deepport.core.errors import DeepportError
 
 DEFAULT_OUT = Path(__file__).parent / "models" / "tiny" / "fp8"
 # The shipped architecture: the "tiny" preset's widths with one dense and five MoE layers (every GEMM K a
@@ -30,7 +31,7 @@ MICRO = replace(preset("tiny"), n_layers=2, n_dense_layers=1, n_routed_experts=8
 
 
 def build(args: ModelArgs, seed: int):
-    """A trainable fp32 Transformer bound to cpu_ref, initialised from `seed`; gate biases stay frozen."""
+    """A trainable fp32 Transformer bound to cpu_ref, initialised from `seed`; gate biases get no gradient."""
     from deepport.core import registry
     from deepport.core.model import Transformer
 
@@ -204,6 +205,8 @@ def cmd_train_tiny(a) -> int:
     from deepport import train_data
     from deepport.models import TOKENIZER
 
+    if a.micro and not a.evaluate and Path(a.output).resolve() == DEFAULT_OUT.resolve():
+        raise DeepportError(f"--micro would overwrite the shipped model in {DEFAULT_OUT}; pass --output DIR")
     torch.set_num_threads(a.threads)
     args = MICRO if a.micro else TINY_TRAINED
     corpus = train_data.stdlib_corpus(TOKENIZER, heldout_every=a.heldout_every)
