@@ -171,3 +171,19 @@ def test_cli_generate_without_model_uses_the_trained_model():
     out = json.loads(r.stdout)
     assert Path(out["model"]) == models.TINY_DIR / "fp8"
     assert re.search(r"\n {4,}\S", out["text"]), out["text"]  # it keeps writing the indented method body
+
+
+@shipped
+def test_shipped_checkpoint_matches_transformers(tmp_path):
+    """The shipped directory is a real DeepSeek-V3 checkpoint: transformers' own model gives the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from deepport.core.checkpoint import convert
+
+    d = convert(models.TINY_DIR / "fp8", tmp_path / "fp32", "fp32")  # transformers' fp8 path wants a GPU
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    ours = deepport.load(None, backend="cpu_ref", dtype="fp32")
+    ids = torch.tensor([ours.encode(SNIPPET[:200])])
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+    got = ours.logits(ids)
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-4
