@@ -113,7 +113,7 @@ def test_rocm_ops_refuse_wrong_format_before_launch(fake_amd_gpu, arch, bad):
     assert rocm_ops.arch() == arch
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
     with pytest.raises(BackendError, match=f"{bad.name} is not supported on hip"):
-        rocm_ops.act_quant(x, bad)  # refused by the policy: nothing is compiled or launched
+        rocm_ops.OPS["act_quant"](x, bad)  # refused by the policy: nothing is compiled or launched
 
 
 def test_cuda_ops_refuse_fnuz_under_the_interpreter():
@@ -121,4 +121,4 @@ def test_cuda_ops_refuse_fnuz_under_the_interpreter():
 
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
     with pytest.raises(BackendError, match="e4m3fnuz is not supported on cuda sm90"):
-        cuda_ops.act_quant(x, E4M3FNUZ)
+        cuda_ops.OPS["act_quant"](x, E4M3FNUZ)
