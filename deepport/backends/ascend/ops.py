@@ -18,6 +18,7 @@ import torch_npu
 from deepport.backends import torch_common
 from deepport.backends.ascend import dtype_policy, limits
 from deepport.backends.cpu_ref import ops as generic
+from deepport.core import preconditions
 from deepport.core.errors import ContractError
 
 GENERIC = "generic torch"
@@ -115,13 +116,9 @@ def rope(x, cos, sin):
 
 
 def mla_prefill(q, k, v, causal, scale):
+    preconditions.mla_prefill(q, k, v, causal)
     b, s, h, dk = q.shape
     t = k.shape[1]
-    if k.shape != (b, t, h, dk) or v.shape[:3] != (b, t, h):
-        raise ContractError(f"mla_prefill: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                            f"do not match q [B,S,H,Dk], k [B,T,H,Dk], v [B,T,H,Dv]")
-    if causal and t < s:
-        raise ContractError(f"mla_prefill: causal attention needs T >= S, got T={t}, S={s}")
     why = limits.mla_prefill(q, k, v, causal)
     if why:
         _generic("mla_prefill", why)
@@ -139,22 +136,15 @@ def mla_prefill(q, k, v, causal, scale):
 
 
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    preconditions.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens)
     b, s, h, c = q_latent.shape
-    if q_pe.shape[:3] != (b, s, h) or kv_cache.shape[-1] != c or pe_cache.shape[-1] != q_pe.shape[-1]:
-        raise ContractError(f"mla_decode: q_latent {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, "
-                            f"kv_cache {tuple(kv_cache.shape)}, pe_cache {tuple(pe_cache.shape)} are inconsistent")
-    if block_table.shape[0] != b or seq_lens.shape != (b,):
-        raise ContractError(f"mla_decode: block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} "
-                            f"must have B={b} rows")
     why = limits.mla_decode(q_latent, q_pe, kv_cache, pe_cache)
     if why:
         _generic("mla_decode", why)
         return generic.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     lens = [int(n) for n in seq_lens.tolist()]  # actual_seq_lengths_kv is a host list (one sync per step)
     p = kv_cache.shape[1]
-    for i, n in enumerate(lens):
-        if n < s or n > block_table.shape[1] * p:
-            raise ContractError(f"mla_decode: seq_lens[{i}]={n} must be in [S={s}, max_blocks*P]")
+    preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
     _fused("mla_decode", "npu_fused_infer_attention_score")
     hp = limits.padded_heads(h)
     q, qr = q_latent, q_pe
@@ -171,9 +161,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
     e = weight.shape[0]
-    if e % n_groups or topk_groups > n_groups or topk > topk_groups * (e // n_groups):
-        raise ContractError(f"moe_gate: E={e}, n_groups={n_groups}, topk_groups={topk_groups}, topk={topk} "
-                            f"are inconsistent (need E % n_groups == 0 and topk <= topk_groups * E/n_groups)")
+    preconditions.moe_gate(e, n_groups, topk_groups, topk)
     why = limits.gating_top_k(dtype_policy.current_chip(), e, topk, topk_groups, n_groups)
     if why or x.dtype == torch.float64:
         _generic("moe_gate", why or "float64 inputs")
@@ -187,13 +175,8 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
+    preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
     m, d = x.shape
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != m:
-        raise ContractError(f"moe_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids "
-                            f"{tuple(topk_ids.shape)} must both be [M={m}, k]")
-    if w1.shape[-1] != d or w2.shape[-2] != d or w1.shape != w3.shape:
-        raise ContractError(f"moe_experts: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} must be [E, I, D={d}] and "
-                            f"w2 {tuple(w2.shape)} [E, D, I]")
     why = limits.moe_experts(x, w1, w2, w3)
     if why:
         _generic("moe_experts", why)

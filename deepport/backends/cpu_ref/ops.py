@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deepport.core import preconditions
 from deepport.core.errors import ContractError
 from deepport.core.formats import AMAX_FLOOR, Fp8Format, Fp8Weight, dequantize_weight, is_fp8, scale_grid
 
@@ -98,13 +99,8 @@ def linear(x, w):
 
 
 def mla_prefill(q, k, v, causal, scale):
-    b, s, h, dk = q.shape
-    t = k.shape[1]
-    if k.shape != (b, t, h, dk) or v.shape[:3] != (b, t, h):
-        raise ContractError(f"mla_prefill: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                            f"do not match q [B,S,H,Dk], k [B,T,H,Dk], v [B,T,H,Dv]")
-    if causal and t < s:
-        raise ContractError(f"mla_prefill: causal attention needs T >= S, got T={t}, S={s}")
+    preconditions.mla_prefill(q, k, v, causal)
+    s, t = q.shape[1], k.shape[1]
     acc = _acc(q, k, v)
     scores = torch.einsum("bshd,bthd->bhst", q.to(acc), k.to(acc)) * scale
     if causal:
@@ -124,19 +120,13 @@ def _gather_paged(cache, block_table, length):
 
 
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    preconditions.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens)
     b, s, h, c = q_latent.shape
-    if q_pe.shape[:3] != (b, s, h) or kv_cache.shape[-1] != c or pe_cache.shape[-1] != q_pe.shape[-1]:
-        raise ContractError(f"mla_decode: q_latent {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, "
-                            f"kv_cache {tuple(kv_cache.shape)}, pe_cache {tuple(pe_cache.shape)} are inconsistent")
-    if block_table.shape[0] != b or seq_lens.shape != (b,):
-        raise ContractError(f"mla_decode: block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} "
-                            f"must have B={b} rows")
     acc = _acc(q_latent, q_pe, kv_cache)
     lens = seq_lens.tolist()
+    preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * kv_cache.shape[1])
     out = torch.empty(b, s, h, c, dtype=acc, device=q_latent.device)
     for i, length in enumerate(lens):
-        if length < s or length > block_table.shape[1] * kv_cache.shape[1]:
-            raise ContractError(f"mla_decode: seq_lens[{i}]={length} must be in [S={s}, max_blocks*P]")
         ckv = _gather_paged(kv_cache, block_table[i], length).to(acc)  # [L, C]
         cpe = _gather_paged(pe_cache, block_table[i], length).to(acc)  # [L, R]
         scores = (torch.einsum("shc,tc->sht", q_latent[i].to(acc), ckv)
@@ -150,9 +140,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
     m, e = x.shape[0], weight.shape[0]
-    if e % n_groups or topk_groups > n_groups or topk > topk_groups * (e // n_groups):
-        raise ContractError(f"moe_gate: E={e}, n_groups={n_groups}, topk_groups={topk_groups}, topk={topk} "
-                            f"are inconsistent (need E % n_groups == 0 and topk <= topk_groups * E/n_groups)")
+    preconditions.moe_gate(e, n_groups, topk_groups, topk)
     acc = _acc(x, weight)
     scores = torch.sigmoid(F.linear(x.to(acc), weight.to(acc)))  # [M, E]
     biased = scores + bias.to(acc)
@@ -183,18 +171,8 @@ def _pair_linear(x, w, ids):
     return torch.einsum("pk,pnk->pn", x, w[ids].to(x.dtype))
 
 
-def _check_experts(x, topk_weights, topk_ids, w1, w2, w3):
-    m, d = x.shape
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != m:
-        raise ContractError(f"moe_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids "
-                            f"{tuple(topk_ids.shape)} must both be [M={m}, k]")
-    if w1.shape[-1] != d or w2.shape[-2] != d or w1.shape != w3.shape:
-        raise ContractError(f"moe_experts: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} must be [E, I, D={d}] and "
-                            f"w2 {tuple(w2.shape)} [E, D, I]")
-
-
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
-    _check_experts(x, topk_weights, topk_ids, w1, w2, w3)
+    preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
     m, d = x.shape
     acc = _acc(x)
     k = topk_ids.shape[1]
