@@ -50,6 +50,10 @@ class Model:
         """Per op: 'native', 'composite' (built from the backend's primitives) or 'fallback' (cpu_ref code)."""
         return dict(self.table.report)
 
+    def op_sources(self) -> dict[str, str]:
+        """Per op: what runs it, as the backend describes it (e.g. a torch_npu kernel or 'generic torch')."""
+        return dict(self.table.sources)
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full prefill, no state kept: fp32 logits [B, S, vocab]."""

@@ -71,6 +71,9 @@ def cmd_generate(a) -> int:
     print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
     if fallbacks:
         print(f"# ops on the cpu_ref fallback: {', '.join(fallbacks)}", file=sys.stderr)
+    unfused = [op for op, src in m.op_sources().items() if src.startswith("generic")]
+    if unfused:
+        print(f"# ops on the backend's generic torch path (no fused kernel): {', '.join(unfused)}", file=sys.stderr)
     print((prompt if isinstance(prompt, str) else "") + r.text)
     s = r.stats
     line = (f"# prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"

@@ -86,6 +86,9 @@ def print_table(report: Report, file=None) -> None:
     notes = [r for r in report.results if r.reason and r.status != "pass"]
     for r in notes:
         print(f"  {r.status}: {r.case}: {r.reason}", file=file)
+    unfused = {op: src for op, src in report.meta.get("sources", {}).items() if src.startswith("generic")}
+    if unfused:
+        print(f"  bound to the backend's generic torch path (no fused kernel): {', '.join(unfused)}", file=file)
     for p in report.policy:
         target = p.get("case") or f"op {p.get('op')}"
         extra = "".join(f" {k}={p[k]:g}" for k in ("rtol", "atol") if k in p)

@@ -148,6 +148,7 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     results: list[CaseResult] = []
     fmt = None
+    sources: dict[str, str] = {}
     for dtype in dtypes:
         todo = [c for c in cases if c.dtype == dtype]
         skip = _dtype_skip(b, dtype)
@@ -155,6 +156,7 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
             results += [CaseResult(c.op, c.name, c.dtype, "skip", "", reason=skip) for c in todo]
             continue
         table, refused = _bind(b, fallback)
+        sources.update(table.sources)
         fmt = table.fp8
         for c in todo:
             tol = tolerance(c, pol.overrides(c))
@@ -169,7 +171,7 @@ def run(backend: str | Backend, *, tier: str = "quick", dtypes=("fp8", "bf16"), 
         results += _cross_check(cross_check, tier, dtypes, ops, _Steps(progress, len(results)))
     meta = {"dtypes": list(dtypes), "fallback": fallback, "device": str(b.device()),
             "fp8_format": fmt.name if fmt else None, "ops": list(ops) if ops else None,
-            "parallel": {"tp": parallel[0], "ep": parallel[1]},
+            "parallel": {"tp": parallel[0], "ep": parallel[1]}, "sources": sources,
             "versions": {"deepport": _version("deepport"), "python": platform.python_version(),
                          "torch": torch.__version__, "triton": _version("triton")},
             "created": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}

@@ -48,6 +48,7 @@ class Backend:
     description: str = ""
     interpretable: bool = False  # Triton backends: under TRITON_INTERPRET=1 they run on CPU tensors
     evidence: Callable[[], str] | None = None  # what a passing run proves, e.g. "stand-in", "hardware: H100"
+    sources: Callable[[], dict] | None = None  # op -> what it runs (e.g. "torch_npu.npu_swiglu", "generic torch")
 
     def evidence_label(self) -> str:
         """How a conformance report labels results: interpreter, stand-in, reference or hardware: <device>."""
@@ -159,6 +160,7 @@ class OpTable:
     device: torch.device
     fp8: Fp8Format | None
     report: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # op -> what actually runs it
 
     def __getattr__(self, name):  # only reached for unbound names
         raise BackendError(f"op {name!r} is not bound in backend {self.backend!r}; known ops: {', '.join(contracts.CONTRACTS)}")
@@ -186,6 +188,7 @@ def bind(b: Backend, fallback: str = "reference") -> OpTable:
     ref = None
     table = OpTable(b.name, b.device(), b.resolve_fp8_format())
     missing = []
+    described = b.sources() if b.sources is not None else {}
     for op in contracts.CONTRACTS:
         if op in impls:
             fn, how = impls[op], "native"
@@ -200,6 +203,8 @@ def bind(b: Backend, fallback: str = "reference") -> OpTable:
             continue
         object.__setattr__(table, op, fn)
         table.report[op] = how
+        table.sources[op] = {"native": described.get(op, f"{b.name} native"), "composite": "act_quant + fp8_gemm",
+                             "fallback": "cpu_ref fallback"}[how]
     if missing:
         raise BackendError(f"backend {b.name!r} lacks ops {', '.join(missing)} and --fallback error forbids "
                            f"the cpu_ref fallback; use --fallback reference or implement them")

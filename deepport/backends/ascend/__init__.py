@@ -65,4 +65,5 @@ BACKEND = Backend(
     conformance_toml=Path(__file__).with_name("conformance.toml"),
     description="Huawei Ascend NPUs via torch_npu fused ops (fp8 on Ascend 950 only)",
     evidence=evidence,
+    sources=lambda: __import__("deepport.backends.ascend.ops", fromlist=["PROVENANCE"]).PROVENANCE,
 )

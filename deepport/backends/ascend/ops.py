@@ -9,6 +9,7 @@ any device. sample and the collectives are torch_common's torch-native versions 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections import Counter
 
 import torch
@@ -64,7 +65,11 @@ def _fused(op: str, name: str) -> None:
 
 
 def _generic(op: str, why: str) -> None:
+    """A call outside the fused op's limits runs the generic torch path: count it and say so once per reason."""
     _paths[(op, GENERIC)] += 1
+    if last_reason.get(op) != why:
+        warnings.warn(f"deepport ascend: {op} runs the generic torch path, not {PROVENANCE[op]}: {why}",
+                      RuntimeWarning, stacklevel=3)
     last_reason[op] = why
 
 
