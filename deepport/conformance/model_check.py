@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from deepport import models
+from deepport.conformance.compare import Outcome
 from deepport.core import checkpoint, distributed, parallel, registry
 from deepport.core.errors import DeepportError
 from deepport.core.model import Transformer
@@ -67,14 +68,6 @@ DECODE_VS_PREFILL = {
 # flipped picks at gaps up to 0.42 in fp8 and none in bf16; the eps sit above those, so a flip at a
 # clear margin (rotate-half rope in bf16: gap 0.42; missing residual: 0.42) is a failure.
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.25, "fp8": 0.5}
-
-
-@dataclass
-class Outcome:
-    ok: bool
-    max_abs: float | None = None
-    max_rel: float | None = None
-    detail: str = ""
 
 
 def compare_logits(got: torch.Tensor, ref: torch.Tensor, th: Threshold) -> Outcome:
