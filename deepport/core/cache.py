@@ -14,10 +14,12 @@ class PagedLatentCache:
     """
 
     def __init__(self, n_layers: int, batch: int, max_tokens: int, kv_dim: int, pe_dim: int,
-                 dtype: torch.dtype, device, block_size: int = 16):
+                 dtype: torch.dtype, device, block_size: int = 16, rows_held: int | None = None):
+        """rows_held: how many of the batch's rows get pool space here (all by default; fewer when each
+        rank of data-parallel attention caches only its own sequences)."""
         self.block_size = block_size
         self.max_blocks = -(-max_tokens // block_size)
-        n_blocks = batch * self.max_blocks
+        n_blocks = (batch if rows_held is None else rows_held) * self.max_blocks
         self.kv = [torch.zeros(n_blocks, block_size, kv_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.pe = [torch.zeros(n_blocks, block_size, pe_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.block_table = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=device)

@@ -24,18 +24,9 @@ class RowShardedCache(PagedLatentCache):
 
     def __init__(self, n_layers: int, batch: int, max_tokens: int, kv_dim: int, pe_dim: int, dtype, device,
                  block_size: int, rank: int, n: int):
-        # Not super().__init__: that would allocate pools for every row first.
         self.rank, self.n = rank, n
-        self.block_size = block_size
-        self.max_blocks = -(-max_tokens // block_size)
-        n_blocks = sum(self.holds(r) for r in range(batch)) * self.max_blocks
-        self.kv = [torch.zeros(n_blocks, block_size, kv_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.pe = [torch.zeros(n_blocks, block_size, pe_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.block_table = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.lens = [0] * batch
-        self._owned: list[list[int]] = [[] for _ in range(batch)]
-        self._free = list(range(n_blocks))
+        super().__init__(n_layers, batch, max_tokens, kv_dim, pe_dim, dtype, device, block_size,
+                         rows_held=sum(self.holds(r) for r in range(batch)))
 
     def holds(self, row: int) -> bool:
         return row % self.n == self.rank
