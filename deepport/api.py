@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from deepport import models
-from deepport.core import checkpoint, distributed, parallel, registry
+from deepport.core import checkpoint, config_checks, distributed, finite, parallel, registry
 from deepport.core import dp_attention as dp_attention_mod
 from deepport.core.errors import DeepportError
+from deepport.core.generate import check_sampling
 from deepport.core.generate import generate as _generate
 from deepport.core.model import Transformer
 from deepport.core.tokenizer import Tokenizer, require
@@ -32,6 +33,7 @@ class Model:
         self.transformer, self.tokenizer, self.path, self.dtype, self.table = transformer, tokenizer, path, dtype, table
         self.world = world  # distributed.World under tensor/expert parallelism, else None
         self.shard_plan = None  # parallel.ShardPlan: what this rank read of the checkpoint
+        self.served_as = None  # an FP8 checkpoint served in another dtype (dequantised at load): that dtype
 
     @property
     def is_rank0(self) -> bool:
@@ -89,6 +91,12 @@ class Model:
     def generate_batch(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int | None = None, mtp: bool = False) -> list[GenerationResult]:
         ids = [self.encode(p) for p in prompts]
+        check_sampling(temperature, top_p, seed)
+        longest = max(len(i) for i in ids) + max_new_tokens
+        if longest > self.args.max_seq_len:
+            registry.warn(f"prompt ({max(len(i) for i in ids)} tokens) plus --max-new-tokens {max_new_tokens} "
+                          f"exceeds max_position_embeddings {self.args.max_seq_len} of {self.path}: positions "
+                          f"past it were never trained and the output degrades")
         eos = self.args.eos_token_id
         if mtp:
             from deepport.core.speculative import generate_mtp
@@ -97,7 +105,10 @@ class Model:
                 raise DeepportError(f"{self.path} has no MTP module (num_nextn_predict_layers=0); drop --mtp")
             gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
         else:
-            gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+            try:
+                gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+            except finite.NonFiniteLogits as e:  # replay the steps with every op checked: name the culprit
+                raise finite.locate(self.transformer, ids, e) from None
         decode = self.tokenizer.decode if self.tokenizer else (lambda t: "")
         return [GenerationResult(decode(t), t, dict(gen.stats)) for t in gen.tokens]
 
@@ -106,6 +117,8 @@ def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
     if dtype != "auto":
         registry.check_dtype(backend, dtype)
         return dtype
+    if backend.compute_dtype is not None and backend.compute_dtype() in backend.dtypes:
+        return backend.compute_dtype()  # e.g. cpu: fp32 where bf16 is emulated, bf16 where it is native
     for d in (("fp8", "bf16", "fp32") if ckpt_fp8 else ("bf16", "fp32", "fp8")):
         if d in backend.dtypes and (d != "fp8" or backend.resolve_fp8_format() is not None):
             return d
@@ -113,10 +126,11 @@ def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
 
 
 def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None, tp: int = 1, ep: int = 1,
-         dp_attention: bool = False, timeout_s: float = 300.0) -> Model:
+         dp_attention: bool = False, timeout_s: float = 300.0, check_weights: bool = True) -> Model:
     """tp/ep > 1: tensor/expert parallelism over torch.distributed; run under torchrun with tp x ep processes
     (see docs/parallel.md). Each rank reads only its shard of the checkpoint. dp_attention (tp=1, ep>=2):
-    each rank attends for and caches only its own sequences."""
+    each rank attends for and caches only its own sequences. check_weights=False skips the NaN/inf weight and
+    fp8 scale checks at load (docs/robustness.md)."""
     b = registry.select(backend)
     layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
     if dp_attention:
@@ -129,9 +143,13 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     if args.fp8_block is not None and dtype != "fp8" and "fp8" in b.dtypes and b.resolve_fp8_format() is None:
         registry.warn(f"backend {b.name!r} has no fp8 on this device: "
                       f"dequantising the FP8 checkpoint to {dtype} at load")
+    elif args.fp8_block is not None and dtype != "fp8" and "fp8" not in b.dtypes:
+        registry.warn(f"FP8 checkpoint served as {dtype} on backend {b.name!r} (no fp8 arithmetic here; "
+                      f"weights dequantised once at load)")
     table = registry.bind(b, fallback=fallback)
     dev = torch.device(device) if device else table.device
     fp8 = table.fp8 if dtype == "fp8" else None
+    config_checks.check_fits(args, dtype, dev, ranks=tp * ep)  # refuse before any allocation
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
     world = plan = None
     if layout is not None:
@@ -139,9 +157,10 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
         if dp_attention:
             dp_attention_mod.apply(t, world)
         dev = distributed.device_for(world, dev)
-    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan)
+    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan, check_weights=check_weights)
     t.inv_freq = t.inv_freq.to(dev)
     t.eval()
     m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)
     m.shard_plan = plan
+    m.served_as = dtype if args.fp8_block is not None and dtype != "fp8" else None
     return m

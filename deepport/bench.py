@@ -19,10 +19,22 @@ def bench_generate(model, prompts, max_new_tokens: int, repeats: int, mtp: bool)
 def cmd_bench(a) -> int:
     import deepport
 
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
     prompts = [a.prompt] * a.batch
     report = {"backend": m.backend, "dtype": m.dtype, "model": str(m.path), "batch": a.batch,
               "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
+    if a.compare:  # deepport vs transformers eager, interleaved (deepport/bench_compare.py)
+        from deepport import bench_compare
+        import torch
+
+        report["threads"] = torch.get_num_threads()
+        report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats)
+        print(json.dumps(report, indent=2)) if a.json else bench_compare.print_comparison(report)
+        return 0
     print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}, {a.max_new_tokens} new tokens",
           file=sys.stderr)
     report["plain"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=False)
@@ -42,15 +54,24 @@ def cmd_bench(a) -> int:
 
 
 def register(sub) -> None:
+    from deepport import cli_checks
     from deepport.cli import _add_backend_args
 
     p = sub.add_parser("bench", help="measure generation throughput (and the MTP speed-up)")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="HF checkpoint directory or preset name (default: embedded model)")
     _add_backend_args(p)
-    p.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main():\n")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main():\n", type=cli_checks.utf8_text,
+                   help="the prompt every sequence of the batch starts from")
+    p.add_argument("--batch", type=cli_checks.positive_int, default=1, help="sequences decoded together")
+    p.add_argument("--max-new-tokens", type=cli_checks.positive_int, default=64, help="tokens generated per sequence")
+    p.add_argument("--repeats", type=cli_checks.positive_int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--compare", choices=("transformers",), default=None,
+                   help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
     p.set_defaults(fn=cmd_bench)
+
+    from deepport.bench_ops import register as register_ops
+
+    register_ops(p)  # `deepport bench ops [--op ...]`: the op benchmarks (deepport/bench_ops/)

@@ -5,12 +5,14 @@ import argparse
 import json
 import sys
 
+from deepport import cli_checks
 from deepport.core.errors import DeepportError
 
 
 def _add_backend_args(p, dtypes=("auto", "fp8", "bf16", "fp32")):
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
-    p.add_argument("--dtype", default="auto", choices=dtypes)
+    p.add_argument("--dtype", default="auto", choices=dtypes,
+                   help="auto: the checkpoint's dtype where the backend supports it, else the backend's best")
     p.add_argument("--fallback", default="reference", choices=("reference", "error"),
                    help="ops the backend lacks run cpu_ref code on its device (reference) or refuse (error)")
 
@@ -53,10 +55,10 @@ def cmd_generate(a) -> int:
 
     try:
         m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, tp=a.tp, ep=a.ep,
-                          dp_attention=a.dp_attention)
+                          dp_attention=a.dp_attention, check_weights=a.check_weights)
         prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
         if a.prompt_ids:
-            prompt = [int(t) for t in a.prompt_ids.split(",")]
+            prompt = a.prompt_ids
         r = m.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        seed=a.seed, mtp=a.mtp)
     finally:
@@ -65,7 +67,8 @@ def cmd_generate(a) -> int:
         return 0
     if a.json:
         print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats, "backend": m.backend,
-                          "dtype": m.dtype, "model": str(m.path), "parallel": {"tp": a.tp, "ep": a.ep}}))
+                          "dtype": m.dtype, "served_as": m.served_as, "model": str(m.path),
+                          "parallel": {"tp": a.tp, "ep": a.ep}}))
         return 0
     fallbacks = [op for op, how in m.op_report().items() if how == "fallback"]
     print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
@@ -87,46 +90,58 @@ def cmd_generate(a) -> int:
 def cmd_convert(a) -> int:
     from deepport.core.checkpoint import convert
 
-    out = convert(a.input, a.output, a.dtype, a.fp8_format)
+    out = convert(a.input, a.output, a.dtype, a.fp8_format, force=a.force)
     print(f"wrote {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="deepport", description="Run DeepSeek-V3 on any accelerator.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    from deepport import __version__
+
+    ap = cli_checks.Parser(prog="deepport", description="Run DeepSeek-V3 on any accelerator.")
+    ap.add_argument("--version", action="version", version=f"deepport {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=cli_checks.Parser)
 
     p = sub.add_parser("backends", help="list discovered backends and whether they are available")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.set_defaults(fn=cmd_backends)
 
     p = sub.add_parser("generate", help="generate text (default: the embedded tiny model)")
     p.add_argument("--model", default=None, help="HF checkpoint directory or preset name (default: embedded model)")
     _add_backend_args(p)
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default=None, type=cli_checks.utf8_text,
+                   help="UTF-8 prompt text (default: a Python function header)")
+    p.add_argument("--prompt-ids", default=None, type=cli_checks.token_ids,
+                   help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-new-tokens", type=cli_checks.positive_int, default=48, help="tokens to generate at most")
+    p.add_argument("--temperature", type=cli_checks.temperature, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=cli_checks.top_p, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=cli_checks.seed, default=None, help="sampling seed (default: 0)")
+    p.add_argument("--no-check-weights", dest="check_weights", action="store_false",
+                   help="skip the NaN/inf weight and fp8 scale checks at load (docs/robustness.md)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (torchrun --nproc-per-node = tp x ep)")
+    p.add_argument("--tp", type=cli_checks.positive_int, default=1,
+                   help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")
+    p.add_argument("--ep", type=cli_checks.positive_int, default=1,
+                   help="expert-parallel ranks (torchrun --nproc-per-node = tp x ep)")
     p.add_argument("--dp-attention", action="store_true",
                    help="with --ep and --tp 1: each rank attends for and caches only its own sequences")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint as bf16 / fp32 / fp8 (e4m3fn or e4m3fnuz)")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--dtype", required=True, choices=("bf16", "fp32", "fp8"))
-    p.add_argument("--fp8-format", default="e4m3fn", choices=("e4m3fn", "e4m3fnuz"))
+    p.add_argument("input", help="source checkpoint directory (HF DeepSeek-V3 format)")
+    p.add_argument("output", help="directory to write")
+    p.add_argument("--dtype", required=True, choices=("bf16", "fp32", "fp8"), help="dtype of the written weights")
+    p.add_argument("--fp8-format", default="e4m3fn", choices=("e4m3fn", "e4m3fnuz"),
+                   help="fp8 encoding with --dtype fp8 (e4m3fnuz for MI300: scales doubled)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty OUTPUT as a whole (its old files are removed, never merged)")
     p.set_defaults(fn=cmd_convert)
 
     # Subcommands that live beside their subsystem; each module defines register(subparsers).
     for extra in ("deepport.conformance.cli", "deepport.bench", "deepport.porting", "deepport.onnx.cli",
-                  "deepport.train"):
+                  "deepport.train", "deepport.hardware_report"):
         try:
             mod = __import__(extra, fromlist=["register"])
         except ImportError as e:
@@ -145,6 +160,8 @@ def main(argv=None) -> int:
     except DeepportError as e:
         print(f"deepport: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `deepport ... | head`: the reader has what it wanted
+        return cli_checks.quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
 

@@ -124,7 +124,7 @@ def train(args: ModelArgs, steps: int, batch: int, seq_len: int, lr: float = 3e-
           max_minutes: float | None = None, log_every: int = 10, data=None, log=print, state_path=None,
           save_every: int = 100) -> tuple:
     """Train; returns (model, history). `data` is a deepport.train_data.Corpus (default: the stdlib corpus)."""
-    from deepport import train_data
+    from deepport import train_data, train_state
 
     torch.manual_seed(seed)
     corpus = data if data is not None else train_data.stdlib_corpus()
@@ -132,10 +132,7 @@ def train(args: ModelArgs, steps: int, batch: int, seq_len: int, lr: float = 3e-
     opt = _optimizer(t, lr, weight_decay)
     start, history = 0, {"steps": [], "args": {}}
     if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, weights_only=False)
-        t.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+        start, history = train_state.load(state_path, t, opt)  # safetensors + JSON: never unpickles
         log(f"resumed from {state_path} at step {start}")
     t.train()
     t0 = time.perf_counter() - history.get("seconds", 0.0)
@@ -163,8 +160,7 @@ def train(args: ModelArgs, steps: int, batch: int, seq_len: int, lr: float = 3e-
             log(json.dumps(rec))
         history["seconds"] = time.perf_counter() - t0
         if state_path is not None and (done % save_every == 0):
-            torch.save({"model": t.state_dict(), "optimizer": opt.state_dict(), "step": done, "history": history},
-                       state_path)
+            train_state.save(state_path, t, opt, done, history)
         if max_minutes is not None and history["seconds"] > 60 * max_minutes and done < steps:
             log(f"stopping at step {done} of {steps}: --max-minutes {max_minutes} reached "
                 f"(the shipped weights are then NOT those of the recorded command)")
@@ -203,10 +199,13 @@ def export(t, out: Path, tokenizer: Path, record: dict | None = None) -> Path:
 
 def cmd_train_tiny(a) -> int:
     from deepport import train_data
+    from deepport.core import output_dir
     from deepport.models import TOKENIZER
 
     if a.micro and not a.evaluate and Path(a.output).resolve() == DEFAULT_OUT.resolve():
         raise DeepportError(f"--micro would overwrite the shipped model in {DEFAULT_OUT}; pass --output DIR")
+    if not a.evaluate:  # refused before the run, not after it (the default is the shipped model: --force)
+        output_dir.check(a.output, force=a.force, what="train-tiny --output")
     torch.set_num_threads(a.threads)
     args = MICRO if a.micro else TINY_TRAINED
     corpus = train_data.stdlib_corpus(TOKENIZER, heldout_every=a.heldout_every)
@@ -228,7 +227,9 @@ def cmd_train_tiny(a) -> int:
               "history": history["steps"]}
     if history.get("stopped_early_at"):
         record["stopped_early_at"] = history["stopped_early_at"]
-    out = export(t, Path(a.output), TOKENIZER, record)
+    with output_dir.staged_dir(a.output, force=a.force, what="train-tiny --output") as tmp:
+        export(t, tmp, TOKENIZER, record)
+    out = Path(a.output)
     print(f"wrote {out} ({n_params / 1e6:.2f}M parameters)", flush=True)
     return 0
 
@@ -247,18 +248,23 @@ def _evaluate_checkpoint(a, corpus) -> int:
 
 
 def register(sub) -> None:
+    from deepport import cli_checks
+
     p = sub.add_parser("train-tiny", help="train the embedded tiny model on the stdlib sources (cpu_ref, autograd)")
-    p.add_argument("--output", default=str(DEFAULT_OUT))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--output", default=str(DEFAULT_OUT),
+                   help="new or empty directory (default: the shipped model, which needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --output as a whole (old files removed, never merged)")
+    p.add_argument("--steps", type=cli_checks.positive_int, default=1500, help="optimizer steps")
+    p.add_argument("--batch", type=cli_checks.positive_int, default=8, help="token windows per step")
+    p.add_argument("--seq-len", type=cli_checks.positive_int, default=128, help="tokens per window")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
     p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP (t+2) loss")
     p.add_argument("--gamma", type=float, default=0.005, help="bias update speed (aux-loss-free balancing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli_checks.seed, default=0, help="initialisation and data-order seed")
     p.add_argument("--heldout-every", type=int, default=20, help="every n-th stdlib file is held out")
-    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--eval-windows", type=cli_checks.positive_int, default=64, help="held-out windows evaluated")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed machine)")
     p.add_argument("--max-minutes", type=float, default=None, help="safety stop (then the weights differ)")
     p.add_argument("--state", default=None, help="checkpoint file for periodic saves and resuming")

@@ -17,11 +17,12 @@ TINY_HF = dict(
 )
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, **overrides):
+    """overrides: DeepseekV3Config keys replacing TINY_HF's (a config style of the family)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = DeepseekV3Config(**TINY_HF)
+    cfg = DeepseekV3Config(**{**TINY_HF, **overrides})
     model = DeepseekV3ForCausalLM(cfg).float().eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

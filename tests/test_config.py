@@ -50,8 +50,10 @@ def test_roundtrip_and_refusals():
                                ("rope_interleave", False, "rope_interleave"), ("model_type", "llama", "model_type")):
         with pytest.raises(ConfigError, match=needle):
             from_hf_config(dict(V3_CONFIG, **{key: value}))
-    bad_q = dict(V3_CONFIG["quantization_config"], scale_fmt="ue8m0")
-    with pytest.raises(ConfigError, match="ue8m0"):
+    bad_q = dict(V3_CONFIG["quantization_config"], scale_fmt="e5m3")
+    with pytest.raises(ConfigError, match="scale_fmt 'e5m3'"):
         from_hf_config(dict(V3_CONFIG, quantization_config=bad_q))
+    v31_q = dict(V3_CONFIG["quantization_config"], scale_fmt="ue8m0")  # DeepSeek-V3.1
+    assert from_hf_config(dict(V3_CONFIG, quantization_config=v31_q)).scale_fmt == "ue8m0"
     with pytest.raises(ConfigError, match="not divisible"):
         from_hf_config(dict(V3_CONFIG, n_group=7))

@@ -4,6 +4,6 @@ from deepport.core.plugins import hookimpl
 
 @hookimpl
 def deepport_backends():
-    from deepport.backends import ascend, cpu_ref, cuda, rocm
+    from deepport.backends import ascend, cpu, cpu_ref, cuda, rocm
 
-    return [cpu_ref.BACKEND, cuda.BACKEND, rocm.BACKEND, ascend.BACKEND]
+    return [cpu_ref.BACKEND, cpu.BACKEND, cuda.BACKEND, rocm.BACKEND, ascend.BACKEND]

@@ -44,9 +44,9 @@ def build_ops(target: str, arch: Callable[[], int | str], tuning_path: Path,
     def rope(x, cos, sin):
         return _rope.rope(x, cos, sin, configs=configs("rope"))
 
-    def act_quant(x, fmt, block=128):
+    def act_quant(x, fmt, block=128, scale_fmt="fp32"):
         check_fp8(fmt.dtype)
-        return _act_quant.act_quant(x, fmt, block, configs=configs("act_quant"))
+        return _act_quant.act_quant(x, fmt, block, scale_fmt, configs=configs("act_quant"))
 
     def weight_dequant(w, scale_inv, block=128, out_dtype=torch.bfloat16):
         if w.dtype in FP8_NAMES:
@@ -58,8 +58,8 @@ def build_ops(target: str, arch: Callable[[], int | str], tuning_path: Path,
             check_fp8(a.dtype)
         return _fp8_gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype, configs=configs("fp8_gemm"))
 
-    def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
-        return _moe_gate.moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale,
+    def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
+        return _moe_gate.moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob,
                                   configs=configs("moe_gate"))
 
     def silu_mul(x):

@@ -12,7 +12,8 @@ from deepport.core.formats import fp8_format as lookup_format
 
 TIERS = ("quick", "full")
 CASE_DTYPES = ("fp8", "bf16")
-COMPARES = ("allclose", "quant", "routing", "exact", "nucleus", "distribution")
+COMPARES = ("allclose", "quant", "routing", "exact", "nucleus", "distribution", "seeded")
+OUT_DTYPES = ("", "fp32")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class Case:
     codes; bf16 cases bf16 activations). compare: how compare.py judges it. reduction: the reduction
     length atol is scaled by (sqrt). reference: "fp64" (cpu_ref on fp64 upcasts) or "native" (cpu_ref
     on the case's own dtypes, for ops whose contract rounds intermediates, e.g. fp8 experts).
+    out_dtype: "fp32" when the op's outputs are fp32 (fp32 inputs, or out_dtype=float32): the tolerance row is
+    then fp32's (tolerances.py); "" = the case dtype's row. expect: optional `expect(inputs) -> value` that
+    replaces cpu_ref's answer (collectives across ranks: the sum or exchange of every rank's seeded inputs).
+    compare "seeded": the runner calls the op three times (the case's generator, a fresh one with the same
+    seed, one with another seed) and compare.py judges the three draws.
     """
 
     name: str
@@ -34,6 +40,8 @@ class Case:
     reduction: int = 1
     note: str = ""
     reference: str = "fp64"
+    out_dtype: str = ""
+    expect: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def seed(self) -> int:
@@ -50,7 +58,8 @@ def to_device(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device, copy=True)
     if isinstance(value, Fp8Weight):
-        return Fp8Weight(to_device(value.weight, device), to_device(value.scale_inv, device), value.block)
+        return Fp8Weight(to_device(value.weight, device), to_device(value.scale_inv, device), value.block,
+                         value.scale_fmt)
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, Fp8Weight)):
         return type(value)(to_device(v, device) for v in value)
     return value  # scalars, formats, int lists, torch.Generator (sampling draws on the host)
@@ -79,13 +88,15 @@ def uniform(g: torch.Generator, *shape, lo: float = -1.0, hi: float = 1.0, dtype
     return (torch.rand(*shape, generator=g) * (hi - lo) + lo).to(dtype)
 
 
-def fp8_weight(g: torch.Generator, *shape, fmt: Fp8Format, std: float = 1.0) -> Fp8Weight:
-    """A block-quantised weight [..., N, K] from seeded normals (edge blocks partial when N, K are ragged)."""
+def fp8_weight(g: torch.Generator, *shape, fmt: Fp8Format, std: float = 1.0, scale_fmt: str = "fp32") -> Fp8Weight:
+    """A block-quantised weight [..., N, K] from seeded normals (edge blocks partial when N, K are ragged);
+    scale_fmt "ue8m0": power-of-two scales, and activations it meets get power-of-two scales too (DeepSeek-V3.1)."""
     if len(shape) > 2:  # expert stacks: one expert at a time keeps the fp32 staging small
-        parts = [fp8_weight(g, *shape[1:], fmt=fmt, std=std) for _ in range(shape[0])]
-        return Fp8Weight(torch.stack([p.weight for p in parts]), torch.stack([p.scale_inv for p in parts]))
-    codes, scale = quantize_weight(torch.randn(*shape, generator=g) * std, fmt)
-    return Fp8Weight(codes, scale)
+        parts = [fp8_weight(g, *shape[1:], fmt=fmt, std=std, scale_fmt=scale_fmt) for _ in range(shape[0])]
+        return Fp8Weight(torch.stack([p.weight for p in parts]), torch.stack([p.scale_inv for p in parts]),
+                         scale_fmt=scale_fmt)
+    codes, scale = quantize_weight(torch.randn(*shape, generator=g) * std, fmt, scale_fmt=scale_fmt)
+    return Fp8Weight(codes, scale, scale_fmt=scale_fmt)
 
 
 def fp8_activation(g: torch.Generator, m: int, k: int, fmt: Fp8Format, std: float = 1.0):
@@ -93,6 +104,15 @@ def fp8_activation(g: torch.Generator, m: int, k: int, fmt: Fp8Format, std: floa
     from deepport.backends.cpu_ref.ops import act_quant
 
     return act_quant(randn(g, m, k, std=std), fmt)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def v3_args():

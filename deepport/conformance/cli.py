@@ -41,6 +41,10 @@ def cmd_conformance(a) -> int:
     from deepport.core import distributed
     from deepport.core.errors import ConfigError
 
+    from deepport import cli_checks
+
+    for path, flag in ((a.json, "--json"), (a.junit, "--junit"), (a.markdown, "--markdown")):
+        cli_checks.check_writable(path, flag)  # now, not after a long run
     backend = registry.select(a.backend) if a.backend in (None, "auto") else registry.get_backend(a.backend)
     dtypes = ("fp8", "bf16") if a.dtype == "all" else (a.dtype,)
     if a.tp * a.ep > 1 and not a.model_check:
@@ -67,6 +71,8 @@ def _ops(text):
 
 
 def register(sub) -> None:
+    from deepport import cli_checks
+
     p = sub.add_parser("conformance", help="check a backend op by op against cpu_ref; exit 0 only when nothing fails")
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
     p.add_argument("--dtype", default="all", choices=("fp8", "bf16", "all"), help="which cases to run (default all)")
@@ -82,6 +88,6 @@ def register(sub) -> None:
     p.add_argument("--cross-check", default=None, choices=("onnxruntime",),
                    help="add the ONNX Runtime cross-check of the exported graph")
     p.add_argument("--list", action="store_true", help="list the cases (name, op, dtype, note) and exit")
-    p.add_argument("--tp", type=int, default=1, help="with --model-check under torchrun: tensor-parallel ranks")
-    p.add_argument("--ep", type=int, default=1, help="with --model-check under torchrun: expert-parallel ranks")
+    p.add_argument("--tp", type=cli_checks.positive_int, default=1, help="with --model-check under torchrun: tensor-parallel ranks")
+    p.add_argument("--ep", type=cli_checks.positive_int, default=1, help="with --model-check under torchrun: expert-parallel ranks")
     p.set_defaults(fn=cmd_conformance)

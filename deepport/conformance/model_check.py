@@ -20,7 +20,7 @@ import torch
 
 from deepport import models
 from deepport.conformance.compare import Outcome
-from deepport.core import checkpoint, distributed, parallel, registry
+from deepport.core import checkpoint, config_checks, distributed, parallel, registry
 from deepport.core.errors import DeepportError
 from deepport.core.model import Transformer
 
@@ -91,6 +91,7 @@ def load_model(table, dtype: str, model, fp8_fmt, device, layout=None, backend=N
     if dtype == "fp8" and args.fp8_block is None:
         raise DeepportError(f"{path} is not an FP8 checkpoint; run the model check with --dtype bf16")
     fp8 = fp8_fmt if dtype == "fp8" else None
+    config_checks.check_fits(args, dtype, device, ranks=layout.world_size if layout is not None else 1)
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
     plan = None
     if layout is not None:
@@ -203,6 +204,20 @@ def _skip_reason(b: registry.Backend, dtype: str) -> str:
     return ""
 
 
+def _split_skip_reason(model, dtype: str, layout) -> str:
+    """Why this checkpoint cannot be sharded for `layout` in `dtype` (e.g. fp8 shards off the 128 block), or ""."""
+    if layout is None:
+        return ""
+    try:
+        args, _ = checkpoint.read_config(models.resolve(model, fp8=dtype == "fp8"))
+    except DeepportError:
+        return ""  # reported as a load failure by the check itself
+    problems = parallel._split_problems(args, layout.tp, layout.ep, dtype == "fp8")
+    if not problems:
+        return ""
+    return f"the checkpoint does not split at --tp {layout.tp} --ep {layout.ep} in {dtype}: {'; '.join(problems)}"
+
+
 def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress: Callable | None = None,
         fallback: str = "reference", tp: int = 1, ep: int = 1) -> list:
     """Every end-to-end check for each dtype on `backend` (name or Backend); returns CaseResults (op "model").
@@ -222,7 +237,7 @@ def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress
                           atol=None, reason=reason, seconds=seconds)
 
     for dtype in dtypes:
-        why = _skip_reason(b, dtype)
+        why = _skip_reason(b, dtype) or _split_skip_reason(model, dtype, layout)
         if why:
             out += [result(c, dtype, "skip", "native", None, why, 0.0) for c in CHECKS]
             continue

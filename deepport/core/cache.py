@@ -10,7 +10,10 @@ class PagedLatentCache:
     """Block pools shared by a batch of sequences; each sequence owns blocks listed in its block_table row.
 
     kv[layer]: [NB, P, C]; pe[layer]: [NB, P, R]; block_table: [B, max_blocks] int32; seq_lens: [B] int32
-    (device tensors), mirrored by `lens` (host ints) so the generation loop never synchronises.
+    (device tensors, updated in place: a captured decode step reads them), mirrored by `lens` (host ints) so
+    the generation loop never synchronises. The pool's last block is scratch: every block-table entry not
+    yet allocated points there, so a padding row (a batch bucket's spare row, length 0) writes and reads
+    only scratch.
     """
 
     def __init__(self, n_layers: int, batch: int, max_tokens: int, kv_dim: int, pe_dim: int,
@@ -20,14 +23,17 @@ class PagedLatentCache:
         self.block_size = block_size
         self.max_blocks = -(-max_tokens // block_size)
         n_blocks = (batch if rows_held is None else rows_held) * self.max_blocks
+        self.scratch = n_blocks
+        n_blocks += 1
         self.kv = [torch.zeros(n_blocks, block_size, kv_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.pe = [torch.zeros(n_blocks, block_size, pe_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.block_table = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=device)
+        self.block_table = torch.full((batch, self.max_blocks), self.scratch, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.lens = [0] * batch
         self._owned: list[list[int]] = [[] for _ in range(batch)]
         # Hand blocks out in reverse so a sequence's blocks are not contiguous: exercises the paging.
-        self._free = list(range(n_blocks))
+        self._free = list(range(self.scratch))
+        self._index: dict[tuple, torch.Tensor] = {}
 
     @property
     def batch(self) -> int:
@@ -60,10 +66,27 @@ class PagedLatentCache:
         self.kv[layer].view(-1, self.kv[layer].shape[-1])[flat] = kv.reshape(-1, kv.shape[-1]).to(self.kv[layer].dtype)
         self.pe[layer].view(-1, self.pe[layer].shape[-1])[flat] = pe.reshape(-1, pe.shape[-1]).to(self.pe[layer].dtype)
 
+    def index(self, rows: list[int]):
+        """`rows` as an index into the device tensors: a slice when contiguous, else a device tensor made once."""
+        rows = tuple(rows)
+        if rows and rows == tuple(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        if rows not in self._index:
+            self._index[rows] = torch.tensor(rows, dtype=torch.long, device=self.seq_lens.device)
+        return self._index[rows]
+
     def advance(self, rows: list[int], n_new: int) -> None:
+        """n_new tokens were written for each row: host lengths and device seq_lens (in place, no host sync)."""
         for r in rows:
             self.lens[r] += n_new
-        self.seq_lens[rows] = torch.tensor([self.lens[r] for r in rows], dtype=torch.int32, device=self.seq_lens.device)
+        if rows:
+            self.seq_lens[self.index(rows)] += n_new
+
+    def reset(self) -> None:
+        """Empty every sequence (blocks back to the pool), keeping the tensors: a captured step stays valid."""
+        for r in range(self.batch):
+            self.truncate(r, 0)
+        self.block_table.fill_(self.scratch)
 
     def truncate(self, row: int, length: int) -> None:
         """Roll a sequence back to `length` tokens (speculative decoding's rejected drafts); frees spare blocks."""

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deepport.core import settings
+from deepport.core import settings, weight_checks
 from deepport.core.config import ModelArgs, from_hf_config
 from deepport.core.errors import CheckpointError
 from deepport.core.formats import (E4M3FN, Fp8Format, dequantize_weight, fn_to_fnuz, fp8_format, is_fp8,
@@ -135,6 +135,7 @@ def shard_files(path: Path) -> dict[str, list[str]]:
             raise CheckpointError(f"{index} is unreadable ({e}); re-download it") from None
         files: dict[str, list[str]] = {}
         for name, f in weight_map.items():
+            weight_checks.check_shard_path(index, f)
             files.setdefault(f, []).append(name)
         for f in files:
             if not (path / f).is_file():
@@ -173,10 +174,10 @@ def iter_tensors(path: Path, what: str = "checkpoint", select=None):
     _progress(len(files), len(files), what)
 
 
-def _fp8_pairs(path: Path, select=None):
+def _fp8_pairs(path: Path, select=None, what: str = "checkpoint"):
     """Yield (name, tensor, scale_inv or None), pairing fp8 weights with their scales across shards."""
     pending_w, pending_s = {}, {}
-    for name, t in iter_tensors(path, select=select):
+    for name, t in iter_tensors(path, what, select=select):
         if name.endswith(".weight_scale_inv"):
             base = name[: -len("_scale_inv")]
             if base in pending_w:
@@ -198,14 +199,15 @@ def _fp8_pairs(path: Path, select=None):
 
 
 def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8: Fp8Format | None,
-              device: torch.device, shard=None) -> None:
+              device: torch.device, shard=None, check_weights: bool = True) -> None:
     """Fill a meta-device Transformer from an HF checkpoint directory.
 
     fp8 weights stay fp8 when `fp8` is given (re-encoded to e4m3fnuz if that is the target format) or are
     dequantised to `dtype`; BF16 checkpoints are block-quantised at load when fp8 is requested.
     `shard` (parallel.ShardPlan) makes each rank read only its slices: `shard.region(name, spec, shape,
     dtype)` picks what to read (None: another rank's expert), `shard.place(name, value, scale, spec)`
-    trims the read window and renumbers local experts.
+    trims the read window and renumbers local experts. `check_weights` refuses NaN/inf weights and fp8 scales
+    that are not positive and finite (core/weight_checks.py).
     """
     path = Path(path)
     args = model.args
@@ -233,6 +235,8 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
                                   f"the checkpoint and its config disagree")
         if scale is not None and not spec.fp8:
             raise CheckpointError(f"tensor {name} is fp8 but deepport keeps it unquantised; convert it to bf16 first")
+        if check_weights:
+            weight_checks.check_tensor(name, t, scale)
         seen.add(name)
         value, value_scale = _convert(name, t, scale, spec, dtype, fp8)
         if shard is not None:
@@ -324,34 +328,12 @@ def save(tensors: dict[str, torch.Tensor], config: dict, out: str | Path, max_sh
     return out
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str, fp8_format_name: str = "e4m3fn") -> Path:
-    """Rewrite a checkpoint as bf16 (dequantising fp8) or fp8 (quantising bf16; optionally e4m3fnuz, scales x2)."""
-    from deepport.core.config import to_hf_config
+def convert(src: str | Path, dst: str | Path, dtype: str, fp8_format_name: str = "e4m3fn", *, force: bool = False,
+            **kw) -> Path:
+    """Rewrite a checkpoint's dtype shard by shard into a new directory (deepport/core/convert.py)."""
+    from deepport.core import convert as _convert_mod
 
-    src = Path(src)
-    args, cfg = read_config(src)
-    specs = hf_specs(args)
-    target_fp8 = fp8_format(fp8_format_name) if dtype == "fp8" else None
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise CheckpointError(f"cannot convert to {dtype!r}; use bf16, fp32 or fp8")
-    out = {}
-    for name, t, scale in _fp8_pairs(src):
-        spec = specs.get(name)
-        if spec is None:
-            out[name] = t
-            continue
-        v, s = _convert(name, t, scale, spec, torch_dtype, target_fp8)
-        out[name] = v
-        if s is not None:
-            out[name + "_scale_inv"] = s
-    new_cfg = dict(cfg)
-    new_cfg.pop("quantization_config", None)
-    if target_fp8 is not None:
-        new_cfg["quantization_config"] = to_hf_config(args, fp8=True, fp8_format=target_fp8.name)["quantization_config"]
-    new_cfg["torch_dtype"] = {"fp32": "float32"}.get(dtype, "bfloat16")
-    tok = src / "tokenizer.json"
-    return save(out, new_cfg, dst, tokenizer=tok if tok.is_file() else None)
+    return _convert_mod.convert(src, dst, dtype, fp8_format_name, force=force, **kw)
 
 
 def random_tensors(args: ModelArgs, seed: int, fp8: bool = False, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:

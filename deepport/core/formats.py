@@ -9,6 +9,22 @@ from deepport.core.errors import ConfigError, ContractError
 
 FP8_BLOCK = 128
 AMAX_FLOOR = 1e-4  # DeepSeek's act_quant clamp: s = max(amax, 1e-4) / max
+# Block-scale formats (HF quantization_config.scale_fmt): fp32 scales as computed, or "ue8m0" (DeepSeek-V3.1):
+# every scale is a power of two, activation scales rounded *up* so x / s stays within the fp8 range.
+SCALE_FMTS = ("fp32", "ue8m0")
+
+
+def check_scale_fmt(scale_fmt: str, where: str) -> None:
+    if scale_fmt not in SCALE_FMTS:
+        raise ContractError(f"{where}: scale_fmt {scale_fmt!r} is unknown; use one of {', '.join(SCALE_FMTS)}")
+
+
+def round_scale_up_pow2(s: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2 s) for positive normal fp32 s, exactly (from the bits: a non-zero mantissa bumps the exponent)."""
+    bits = s.float().view(torch.int32)
+    up = (bits & 0x7FFFFF) != 0
+    exp = (bits >> 23) + up.to(torch.int32)
+    return (exp << 23).view(torch.float32).to(s.dtype)
 
 
 @dataclass(frozen=True)
@@ -57,9 +73,11 @@ def _expand_blocks(scale: torch.Tensor, n: int, k: int, block: int) -> torch.Ten
     return scale.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
 
 
-def quantize_weight(w: torch.Tensor, fmt: Fp8Format | str = E4M3FN, block: int = FP8_BLOCK):
-    """Block-quantise w [..., N, K] to fp8 codes and fp32 scale_inv [..., ceil(N/b), ceil(K/b)] (W = codes * s)."""
+def quantize_weight(w: torch.Tensor, fmt: Fp8Format | str = E4M3FN, block: int = FP8_BLOCK, scale_fmt: str = "fp32"):
+    """Block-quantise w [..., N, K] to fp8 codes and fp32 scale_inv [..., ceil(N/b), ceil(K/b)] (W = codes * s);
+    scale_fmt "ue8m0" rounds each scale up to a power of two (DeepSeek-V3.1's checkpoints)."""
     fmt = fp8_format(fmt)
+    check_scale_fmt(scale_fmt, "quantize_weight")
     n, k = w.shape[-2:]
     gn, gk = scale_grid(n, k, block)
     wf = w.float()
@@ -68,6 +86,8 @@ def quantize_weight(w: torch.Tensor, fmt: Fp8Format | str = E4M3FN, block: int =
     blocks = pad.unflatten(-1, (gk, block)).unflatten(-3, (gn, block))  # [..., gn, b, gk, b]
     amax = blocks.abs().amax(dim=(-3, -1))  # [..., gn, gk]
     scale = torch.clamp(amax, min=AMAX_FLOOR) / fmt.max
+    if scale_fmt == "ue8m0":
+        scale = round_scale_up_pow2(scale)
     codes = (wf / _expand_blocks(scale, n, k, block)).clamp(-fmt.max, fmt.max).to(fmt.dtype)
     return codes, scale
 
@@ -90,13 +110,18 @@ def fn_to_fnuz(codes: torch.Tensor, scale: torch.Tensor):
 
 @dataclass
 class Fp8Weight:
-    """A block-quantised weight: fp8 codes [..., N, K] and fp32 scale_inv [..., ceil(N/block), ceil(K/block)]."""
+    """A block-quantised weight: fp8 codes [..., N, K] and fp32 scale_inv [..., ceil(N/block), ceil(K/block)].
+
+    scale_fmt is the checkpoint's scale format; "ue8m0" also makes the activations it meets take power-of-two
+    scales (act_quant's scale_fmt), as DeepSeek-V3.1 was served."""
 
     weight: torch.Tensor
     scale_inv: torch.Tensor
     block: int = FP8_BLOCK
+    scale_fmt: str = "fp32"
 
     def __post_init__(self):
+        check_scale_fmt(self.scale_fmt, "Fp8Weight")
         if not is_fp8(self.weight):
             raise ContractError(f"Fp8Weight.weight must be fp8, got {self.weight.dtype}")
         want = (*self.weight.shape[:-2], *scale_grid(*self.weight.shape[-2:], self.block))
@@ -118,4 +143,4 @@ class Fp8Weight:
 
     def __getitem__(self, i) -> "Fp8Weight":
         """Select along leading (expert) dims."""
-        return Fp8Weight(self.weight[i], self.scale_inv[i], self.block)
+        return Fp8Weight(self.weight[i], self.scale_inv[i], self.block, self.scale_fmt)

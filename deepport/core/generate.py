@@ -1,11 +1,13 @@
 """Prefill/decode loop over the paged latent cache, sampling, and MTP speculative decoding."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from deepport.core import finite
 from deepport.core.errors import DeepportError
 
 
@@ -25,11 +27,26 @@ class Sampler:
     """Samples on fp32 logits through the bound `sample` op; one seeded generator for the whole run."""
 
     def __init__(self, ops, temperature: float, top_p: float, seed: int | None):
+        check_sampling(temperature, top_p, seed)
         self.ops, self.temperature, self.top_p = ops, temperature, top_p
         self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        self.fed = []  # the tokens each call returned, in order: what a replay feeds (core/finite.py)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.ops.sample(logits.float(), self.temperature, self.top_p, self.generator)
+        finite.check_logits(logits, len(self.fed), self.fed)
+        tokens = self.ops.sample(logits.float(), self.temperature, self.top_p, self.generator)
+        self.fed.append(tokens)
+        return tokens
+
+
+def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+    """DeepportError for a temperature that is NaN, inf or negative, a top_p outside (0, 1], or a seed out of range."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise DeepportError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise DeepportError(f"top_p must be in (0, 1] (1: keep every token), got {top_p!r}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
+        raise DeepportError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 @torch.inference_mode()

@@ -25,6 +25,8 @@ def _param(shape, dtype, device) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T through ops.linear; W is a plain tensor, or fp8 codes + 128x128 block scales (`scale_inv`)."""
 
+    scale_fmt = "fp32"  # the checkpoint's block-scale format (Transformer sets args.scale_fmt)
+
     def __init__(self, ops, in_features: int, out_features: int, dtype, fp8=None, device="meta", block: int = 128):
         super().__init__()
         self.ops, self.block = ops, block
@@ -37,7 +39,8 @@ class Linear(nn.Module):
             self.scale_inv = None
 
     def w(self):
-        return self.weight if self.scale_inv is None else Fp8Weight(self.weight, self.scale_inv, self.block)
+        return self.weight if self.scale_inv is None else Fp8Weight(self.weight, self.scale_inv, self.block,
+                                                                    self.scale_fmt)
 
     def dense(self, dtype) -> torch.Tensor:
         """The weight as a plain tensor (dequantised through ops.weight_dequant when fp8)."""
@@ -177,11 +180,13 @@ class Gate(nn.Module):
     def forward(self, x):
         a = self.args
         return self.ops.moe_gate(x, self.weight, self.bias, a.n_expert_groups, a.n_limited_groups,
-                                 a.n_activated_experts, a.route_scale)
+                                 a.n_activated_experts, a.route_scale, a.norm_topk_prob)
 
 
 class Experts(nn.Module):
     """Routed experts stacked: w1, w3 [E, I, D]; w2 [E, D, I] (+ fp8 scale_inv [E, ceil(N/128), ceil(K/128)])."""
+
+    scale_fmt = "fp32"  # as Linear.scale_fmt
 
     def __init__(self, n: int, dim: int, inter_dim: int, dtype, fp8=None, device="meta", block: int = 128):
         super().__init__()
@@ -193,7 +198,7 @@ class Experts(nn.Module):
 
     def get(self, name: str):
         w, s = getattr(self, name), getattr(self, name + "_scale_inv")
-        return w if s is None else Fp8Weight(w, s, self.block)
+        return w if s is None else Fp8Weight(w, s, self.block, self.scale_fmt)
 
 
 class MoE(nn.Module):
@@ -264,42 +269,71 @@ class Transformer(nn.Module):
         self.head = Linear(ops, args.dim, args.vocab_size, dtype, None, device)  # never fp8
         self.mtp = nn.ModuleList(MTP(ops, d, args, dtype, fp8, device) for d in range(args.n_mtp_layers))
         self.register_buffer("inv_freq", yarn_inv_freq(args), persistent=False)
+        if fp8 is not None and args.scale_fmt != Linear.scale_fmt:
+            for m in self.modules():
+                if isinstance(m, (Linear, Experts)):
+                    m.scale_fmt = args.scale_fmt
 
     def embed_tokens(self, ids):
         return F.embedding(ids, self.embed.weight)
 
+    def rope_tables(self, pos: torch.Tensor):
+        """cos, sin [B, S, R/2] fp32 of positions pos [B, S] (YaRN's attention factor folded in)."""
+        angles = pos.float().unsqueeze(-1) * self.inv_freq.to(pos.device)  # [B, S, R/2]
+        factor = self.args.rope_attention_factor
+        return torch.cos(angles) * factor, torch.sin(angles) * factor
+
+    def cache_context(self, cache: PagedLatentCache, start: torch.Tensor, block_table: torch.Tensor, s: int,
+                      rows: list | None = None) -> AttnContext:
+        """Decode metadata computed on the device from the cache's tensors (no host sync, static shapes):
+        start [B] tokens already cached, block_table [B, max_blocks]; S new tokens per row."""
+        page = cache.block_size
+        pos = start.long().unsqueeze(1) + torch.arange(s, device=start.device)  # [B, S]
+        cos, sin = self.rope_tables(pos)
+        slots = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
+        return AttnContext(cos, sin, cache, rows, slots, block_table, (start + s).to(torch.int32), fresh=False)
+
     def _context(self, b: int, s: int, cache: PagedLatentCache | None, rows: list | None, device) -> AttnContext:
         if cache is None:
-            start = torch.zeros(b, 1, dtype=torch.float32, device=device)
-            fresh = True
-        else:
-            rows = list(range(cache.batch)) if rows is None else list(rows)
-            if len(rows) != b:
-                raise ValueError(f"{len(rows)} cache rows given for a batch of {b}")
-            start = torch.tensor([[cache.lens[r]] for r in rows], dtype=torch.float32, device=device)
-            fresh = all(cache.lens[r] == 0 for r in rows)
-        pos = start + torch.arange(s, dtype=torch.float32, device=device)  # [B, S]
-        angles = pos.unsqueeze(-1) * self.inv_freq.to(device)  # [B, S, R/2]
-        factor = self.args.rope_attention_factor
-        ctx = AttnContext(torch.cos(angles) * factor, torch.sin(angles) * factor, fresh=fresh)
-        if cache is not None:
-            cache.reserve(rows, s)
-            ctx.cache, ctx.rows, ctx.slots = cache, rows, cache.slots(rows, s)
-            ctx.block_table = cache.block_table[rows]
-            ctx.seq_lens = torch.tensor([cache.lens[r] + s for r in rows], dtype=torch.int32, device=device)
+            pos = torch.arange(s, device=device).expand(b, s)  # [B, S]
+            return AttnContext(*self.rope_tables(pos), fresh=True)
+        rows = list(range(cache.batch)) if rows is None else list(rows)
+        if len(rows) != b:
+            raise ValueError(f"{len(rows)} cache rows given for a batch of {b}")
+        fresh = all(cache.lens[r] == 0 for r in rows)  # host mirror: no sync
+        cache.reserve(rows, s)
+        idx = cache.index(rows)
+        ctx = self.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows)
+        ctx.fresh = fresh
         return ctx
+
+    def hidden(self, h, ctx: AttnContext):
+        """The blocks and the final norm over embedded tokens h [B, S, D]."""
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, ctx)
+        return self.norm(h, residual)[0]
 
     def forward(self, input_ids, cache: PagedLatentCache | None = None, rows: list | None = None):
         """Hidden states after the final norm, [B, S, D]; with a cache, the new tokens are appended to it."""
         b, s = input_ids.shape  # input_ids: [B, S]
         h = self.embed_tokens(input_ids)
         ctx = self._context(b, s, cache, rows, h.device)
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, ctx)
+        h = self.hidden(h, ctx)
         if cache is not None:
             cache.advance(ctx.rows, s)
-        return self.norm(h, residual)[0]
+        return h
+
+    def decode_step(self, input_ids, cache: PagedLatentCache):
+        """One step over *every* row of `cache` (S new tokens each): (hidden [B, S, D], fp32 logits [B, S, V]).
+
+        Static shapes and no host sync: this is what torch.compile and device graphs capture (core/step.py).
+        The caller reserves room first (cache.reserve) and advances the lengths after (cache.advance).
+        """
+        s = input_ids.shape[1]
+        ctx = self.cache_context(cache, cache.seq_lens, cache.block_table, s)
+        h = self.hidden(self.embed_tokens(input_ids), ctx)
+        return h, self.logits(h)
 
     def logits(self, hidden):
         """fp32 logits [.., V] from post-norm hidden states (the head is never fp8)."""

@@ -56,18 +56,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """
 
 
-def act_quant(x: torch.Tensor, fmt: Fp8Format, block: int = 128):
+def act_quant(x: torch.Tensor, fmt: Fp8Format, block: int = 128, scale_fmt: str = "fp32"):
     """Per-token, per-`block`-channel fp8 quantisation of activations.
 
     For each row and each block of `block` channels: ``amax = max(|x|)``,
-    ``s = max(amax, 1e-4) / fmt.act_max`` (fp32), ``codes = fp8(x / s)`` rounded to nearest even on the
-    fp8 grid (values are within range by construction). Returns ``(codes, s)``.
+    ``s = max(amax, 1e-4) / fmt.act_max`` (fp32); with ``scale_fmt="ue8m0"`` (DeepSeek-V3.1's checkpoints)
+    s is then rounded *up* to a power of two, ``s = 2^ceil(log2 s)`` exactly (the next power of two unless s
+    already is one), so x / s is exact and stays within +-act_max. ``codes = fp8(x / s)`` rounded to nearest
+    even on the fp8 grid (values are within range by construction). Returns ``(codes, s)``.
 
     Shapes: x [..., K]; codes [..., K] with dtype fmt.dtype; s [..., K/block] fp32.
-    dtypes: x fp32 or bf16; fmt e4m3fn (act_max 448) or e4m3fnuz (act_max 224).
-    Preconditions: K % block == 0, else ContractError.
-    Tolerance class: ``quant``: scales equal to fp32 rounding; codes equal, or one fp8 ulp apart where
-    x/s lies within fp32 rounding of a tie.
+    dtypes: x fp32 or bf16; fmt e4m3fn (act_max 448) or e4m3fnuz (act_max 224); scale_fmt "fp32" or "ue8m0".
+    Preconditions: K % block == 0; scale_fmt known, else ContractError.
+    Tolerance class: ``quant``: scales equal to fp32 rounding (ue8m0: equal); codes equal, or one fp8 ulp apart
+    where x/s lies within fp32 rounding of a tie.
     """
 
 
@@ -101,8 +103,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | Fp8Weight) -> torch.Tensor:
     """Composite ``y = x @ W^T`` (no bias).
 
     For a plain tensor w [N, K]: a matmul in x.dtype with fp32 accumulation.
-    For an Fp8Weight: ``codes, s = act_quant(x, w.fmt)``; ``y = fp8_gemm(codes, s, w.weight, w.scale_inv,
-    out_dtype=x.dtype)`` (W8A8, DeepSeek's serving numerics). A backend may override it as one fused op.
+    For an Fp8Weight: ``codes, s = act_quant(x, w.fmt, scale_fmt=w.scale_fmt)``; ``y = fp8_gemm(codes, s,
+    w.weight, w.scale_inv, out_dtype=x.dtype)`` (W8A8, DeepSeek's serving numerics; w.scale_fmt "ue8m0" gives
+    power-of-two activation scales). A backend may override it as one fused op.
 
     Shapes: x [..., K]; returns [..., N] in x.dtype.
     Tolerance class: ``gemm``.
@@ -143,13 +146,14 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_groups: int, topk_groups: int,
-             topk: int, route_scale: float):
+             topk: int, route_scale: float, norm_topk_prob: bool = True):
     """DeepSeek-V3's auxiliary-loss-free sigmoid router (noaux_tc), in fp32.
 
     ``s = sigmoid(x @ weight^T)``; ``s_b = s + bias`` (bias for *selection only*);
     group score = sum of the top-2 ``s_b`` in each of n_groups equal groups; keep the topk_groups best
     groups, mask the others with -inf; ``ids = topk(s_b_masked, topk)``;
-    ``w = s[ids] / sum(s[ids])`` (unbiased scores, renormalised) ``* route_scale``.
+    ``w = s[ids] / sum(s[ids])`` (unbiased scores, renormalised) ``* route_scale``; with
+    ``norm_topk_prob=False`` (HF config key of the same name) no renormalisation: ``w = s[ids] * route_scale``.
     Returns ``(weights, ids)``: weights [M, k] fp32, ids [M, k] int64 (order within a row unspecified).
 
     Shapes: x [M, D] (fp32 or bf16, upcast); weight [E, D]; bias [E] fp32. E % n_groups == 0.
@@ -166,7 +170,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 
     ``y[m] = sum_k topk_weights[m, k] * E_{topk_ids[m, k]}(x[m])`` with
     ``E_e(x) = linear(silu_mul([linear(x, w1[e]) ; linear(x, w3[e])]), w2[e])`` where each `linear` is the
-    contract above (for Fp8Weight: act_quant then fp8_gemm, W8A8). Gate/up outputs and the SwiGLU
+    contract above (for Fp8Weight: act_quant with the weights' scale_fmt, then fp8_gemm, W8A8). Gate/up outputs and the SwiGLU
     product are rounded to x.dtype; the weighted sum is accumulated in fp32 and rounded once to x.dtype.
     Ids < 0 (tokens routed to experts on another rank under expert parallelism) contribute nothing.
     No host synchronisation is required by the contract.
@@ -234,14 +238,48 @@ def parameter_names(fn: Callable) -> list[str]:
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def check_signature(op: str, fn: Callable, backend: str) -> None:
-    """Raise ContractError unless `fn` takes exactly the contract's parameter names, in order."""
+def _late_defaults(op: str, got: list[str]) -> dict:
+    """The contract's parameters after `got` when `got` is a prefix of it and all the rest have defaults."""
+    params = list(inspect.signature(CONTRACTS[op]).parameters.values())
+    names = [p.name for p in params]
+    if names[:len(got)] != got:
+        return {}
+    rest = params[len(got):]
+    if not rest or any(p.default is inspect.Parameter.empty for p in rest):
+        return {}
+    return {p.name: p.default for p in rest}
+
+
+def check_signature(op: str, fn: Callable, backend: str) -> Callable:
+    """Raise ContractError unless `fn` takes exactly the contract's parameter names, in order.
+
+    A backend written before a contract gained trailing parameters with defaults (act_quant's scale_fmt,
+    moe_gate's norm_topk_prob) is accepted: the returned callable runs it while those parameters keep
+    their defaults and raises ContractError naming the parameter otherwise. Otherwise returns fn itself.
+    """
     from deepport.core.errors import ContractError
 
     if op not in CONTRACTS:
         raise ContractError(f"backend {backend!r} provides unknown op {op!r}; known ops: {', '.join(CONTRACTS)}")
     want, got = parameter_names(CONTRACTS[op]), parameter_names(fn)
-    if want != got:
+    if want == got:
+        return fn
+    late = _late_defaults(op, got)
+    if not late:
         raise ContractError(
             f"backend {backend!r}: {op}({', '.join(got)}) does not match the contract "
             f"{op}({', '.join(want)}); rename the parameters to match deepport/core/ops.py")
+    n = len(got)
+
+    def older(*args, **kwargs):
+        given = dict(zip(list(late), args[n:]))
+        given.update((k, kwargs.pop(k)) for k in list(kwargs) if k in late)
+        for name, value in given.items():
+            if value != late[name]:
+                raise ContractError(f"backend {backend!r}: {op} predates the contract parameter {name} and cannot "
+                                    f"run {name}={value!r}; add {name} to its {op} (deepport/core/ops.py) or use "
+                                    f"--backend cpu_ref")
+        return fn(*args[:n], **kwargs)
+
+    older.__name__, older.__doc__, older.__wrapped__ = getattr(fn, "__name__", op), fn.__doc__, fn
+    return older

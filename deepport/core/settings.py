@@ -15,13 +15,29 @@ def plugins_autoload() -> bool:
 
 def device_override() -> str | None:
     """DEEPPORT_DEVICE: run a backend on another torch device (e.g. cpu under TRITON_INTERPRET=1)."""
-    return os.environ.get("DEEPPORT_DEVICE") or None
+    value = os.environ.get("DEEPPORT_DEVICE") or None
+    if value is not None:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            from deepport.core.errors import ConfigError
+
+            raise ConfigError(f"DEEPPORT_DEVICE={value!r} is not a torch device; use e.g. cpu, cuda or cuda:1, "
+                              f"or unset it") from None
+    return value
 
 
 def cache_dir() -> Path:
     """DEEPPORT_CACHE: where generated preset checkpoints are materialised."""
-    root = os.environ.get("DEEPPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deepport")
-    return Path(root)
+    root = Path(os.environ.get("DEEPPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deepport"))
+    if root.exists() and not root.is_dir():
+        from deepport.core.errors import ConfigError
+
+        raise ConfigError(f"DEEPPORT_CACHE={str(root)!r} is a file, not a directory; point it at a directory "
+                          f"(it is created if missing) or unset it")
+    return root
 
 
 def progress_enabled() -> bool:
@@ -37,3 +53,22 @@ def triton_interpret() -> bool:
 def interpret_fp8_format() -> str | None:
     """DEEPPORT_FP8_FORMAT: fp8 format a Triton backend uses under the interpreter (rocm: e4m3fnuz or e4m3fn)."""
     return os.environ.get("DEEPPORT_FP8_FORMAT") or None
+
+
+def check_finite() -> bool:
+    """DEEPPORT_CHECK_FINITE=1: every bound op checks its outputs for NaN/inf (names the first op that makes them)."""
+    return os.environ.get("DEEPPORT_CHECK_FINITE", "0") not in ("0", "", "false", "no")
+
+
+def probe_timeout_s() -> float:
+    """DEEPPORT_PROBE_TIMEOUT: seconds a backend's probe may take before it counts as unavailable (default 10)."""
+    raw = os.environ.get("DEEPPORT_PROBE_TIMEOUT") or "10"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from deepport.core.errors import ConfigError
+
+        raise ConfigError(f"DEEPPORT_PROBE_TIMEOUT={raw!r} is not a positive number of seconds; unset it or use e.g. 10")
+    return value

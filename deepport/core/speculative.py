@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from deepport.core import finite
 from deepport.core.errors import DeepportError
 from deepport.core.generate import Generation, Sampler, _sync
 
@@ -49,6 +50,7 @@ class _Drafter:
         s = self.sampler
         if s.temperature <= 0:
             return s(logits).tolist(), [None] * logits.shape[0]
+        finite.check_logits(logits)
         q = probs(logits, s.temperature, s.top_p).cpu()
         return torch.multinomial(q, 1, generator=s.generator).view(-1).tolist(), list(q)
 
@@ -102,6 +104,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
         inp = torch.tensor([[last[r], draft[r]] for r in active], device=device)
         h = model(inp, cache, rows=active)  # [A, 2, D]
         logits = model.logits(h)  # [A, 2, V]
+        finite.check_logits(logits, forwards)  # the sampling path below bypasses the sampler's own check
         forwards += 1
         drafted += len(active)
         if temperature <= 0:

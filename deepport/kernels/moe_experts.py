@@ -6,7 +6,8 @@
 3. moe_experts_down_kernel: per (row block, D tile), out = h w2^T (rounded to x.dtype), times the pair's
    routing weight, atomically added in fp32 into y[token]; y is rounded once to x.dtype at the end.
 fp8 weights (Fp8Weight, 128x128 block scales): activations are quantised 1x128 in the K loop exactly as
-act_quant does (s = max(amax, 1e-4) / act_max, RTNE to the fp8 grid), the dot runs on fp8 operands and
+act_quant does (s = max(amax, 1e-4) / act_max, rounded up to a power of two when the weights' scale_fmt is
+"ue8m0"; RTNE to the fp8 grid), the dot runs on fp8 operands and
 each K block's partial sum is scaled by a_scale * b_scale (W8A8, DeepSeek's numerics).
 The grid is sized by upper bounds; blocks past the last expert return at once. No host synchronisation.
 """
@@ -20,7 +21,7 @@ from deepport.core import settings
 from deepport.core.errors import ContractError
 from deepport.core.formats import FORMATS, FP8_BLOCK, Fp8Weight
 from deepport.kernels.moe_align import moe_align
-from deepport.kernels.rounding import round_for_store, round_to_fp8_grid
+from deepport.kernels.rounding import round_for_store, round_scale_up_pow2, round_to_fp8_grid
 from deepport.kernels.targets import CompileSpec, TRITON_FP8, target_fp8
 from deepport.kernels.tuning import split_config
 
@@ -30,10 +31,12 @@ FP8_EMIN = {"e4m3fn": -6, "e4m3fnuz": -7}  # exponent of the smallest normal
 
 
 @triton.jit
-def _quant_rows(a, ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr):
+def _quant_rows(a, ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr, SCALE_UE8M0: tl.constexpr):
     """act_quant of a [BLOCK_M, 128] fp32 tile: (codes on the fp8 grid, still fp32; per-row scales)."""
     amax = tl.max(tl.abs(a), 1)
     s = tl.div_rn(tl.maximum(amax, 1e-4), ACT_MAX)  # formats.AMAX_FLOOR
+    if SCALE_UE8M0:
+        s = round_scale_up_pow2(s)
     codes = round_to_fp8_grid(tl.div_rn(a, s[:, None]), FP8_EMIN, FP8_MAX, False)  # the sign of 0 is moot in a dot
     return codes, s
 
@@ -60,7 +63,8 @@ def moe_experts_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, sor
                                stride_s1_e, stride_s1_n, stride_s3_e, stride_s3_n, stride_h_m,
                                FP8: tl.constexpr, LOWP_DOT: tl.constexpr, OUT_BF16: tl.constexpr,
                                ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SCALE_UE8M0: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -82,7 +86,7 @@ def moe_experts_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, sor
                     other=0.0).to(tl.float32)
         a_scale = tl.full([BLOCK_M], 1.0, tl.float32)
         if FP8:  # act_quant once per K block, shared by gate and up
-            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX)
+            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX, SCALE_UE8M0)
         w_mask = n_ok[:, None] & k_ok[None, :]
         kb = k0 // BLOCK_K
         acc_g = _expert_dot(acc_g, a, a_scale, w1_ptr + e * stride_w1_e + offs_n[:, None] * stride_w1_n + ks[None, :],
@@ -102,7 +106,8 @@ def moe_experts_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, tw_ptr, sorted_ptr, bl
                             stride_h_m, stride_w2_e, stride_w2_n, stride_s2_e, stride_s2_n, stride_y_m,
                             FP8: tl.constexpr, LOWP_DOT: tl.constexpr, OUT_BF16: tl.constexpr,
                             ACT_MAX: tl.constexpr, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SCALE_UE8M0: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -122,7 +127,7 @@ def moe_experts_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, tw_ptr, sorted_ptr, bl
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         a_scale = tl.full([BLOCK_M], 1.0, tl.float32)
         if FP8:
-            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX)
+            a, a_scale = _quant_rows(a, ACT_MAX, FP8_EMIN, FP8_MAX, SCALE_UE8M0)
         acc = _expert_dot(acc, a, a_scale, w2_ptr + e * stride_w2_e + offs_n[:, None] * stride_w2_n + ks[None, :],
                           n_ok[:, None] & k_ok[None, :],
                           s2_ptr + e * stride_s2_e + (offs_n // 128) * stride_s2_n + k0 // BLOCK_K, n_ok, FP8, LOWP_DOT)
@@ -134,21 +139,23 @@ def moe_experts_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, tw_ptr, sorted_ptr, bl
 
 
 def _weights(w1, w2, w3):
-    """(codes or tensors, scales or None, fp8 format name or None) for the three expert weights."""
+    """(codes or tensors, scales or None, fp8 format name or None, scale_fmt) for the three expert weights."""
     kinds = {isinstance(w, Fp8Weight) for w in (w1, w2, w3)}
     if len(kinds) != 1:
         raise ContractError("moe_experts: w1, w2, w3 must all be Fp8Weight or all be tensors; quantise all three")
     if kinds == {True}:
         fmts = {w.fmt.name for w in (w1, w2, w3)}
-        if len(fmts) != 1 or any(w.block != FP8_BLOCK for w in (w1, w2, w3)):
-            raise ContractError(f"moe_experts: fp8 experts need one format and {FP8_BLOCK}x{FP8_BLOCK} blocks, "
-                                f"got formats {sorted(fmts)}, blocks {[w.block for w in (w1, w2, w3)]}")
-        return (w1.weight, w2.weight, w3.weight), (w1.scale_inv, w2.scale_inv, w3.scale_inv), fmts.pop()
-    return (w1, w2, w3), (None, None, None), None
+        scale_fmts = {w.scale_fmt for w in (w1, w2, w3)}
+        if len(fmts) != 1 or len(scale_fmts) != 1 or any(w.block != FP8_BLOCK for w in (w1, w2, w3)):
+            raise ContractError(f"moe_experts: fp8 experts need one format, one scale_fmt and {FP8_BLOCK}x{FP8_BLOCK} "
+                                f"blocks, got formats {sorted(fmts)}, scale_fmts {sorted(scale_fmts)}, "
+                                f"blocks {[w.block for w in (w1, w2, w3)]}")
+        return (w1.weight, w2.weight, w3.weight), (w1.scale_inv, w2.scale_inv, w3.scale_inv), fmts.pop(), scale_fmts.pop()
+    return (w1, w2, w3), (None, None, None), None, "fp32"
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, *, configs=None):
-    (c1, c2, c3), (s1, s2, s3), fmt = _weights(w1, w2, w3)
+    (c1, c2, c3), (s1, s2, s3), fmt, scale_fmt = _weights(w1, w2, w3)
     if x.dim() != 2:
         raise ContractError(f"moe_experts: x must be [M, D], got {tuple(x.shape)}; flatten the leading dims")
     m, d = x.shape
@@ -192,7 +199,7 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, *, configs=None):
     quant = dict(FP8=fp8, LOWP_DOT=lowp, OUT_BF16=x.dtype == torch.bfloat16,
                  ACT_MAX=FORMATS[fmt].act_max if fp8 else 448.0, FP8_EMIN=FP8_EMIN.get(fmt, -6),
                  FP8_MAX=FORMATS[fmt].max if fp8 else 448.0,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_UE8M0=scale_fmt == "ue8m0")
     moe_experts_gate_up_kernel[(n_blocks, triton.cdiv(inter, block_n))](
         x, c1, c3, s1, s3, h, sorted_pairs, block_expert, n_pairs, topk_ids.shape[1], d, inter,
         x.stride(0), c1.stride(0), c1.stride(1), c3.stride(0), c3.stride(1),
@@ -207,8 +214,10 @@ def compile_specs(target):
     """Both grouped GEMMs in W8A8 with the target's fp8 format (fp8 MMA expected) and in bf16."""
     fmt = target_fp8(target)
     consts_common = {"LOWP_DOT": True, "OUT_BF16": True, "ACT_MAX": FORMATS[fmt].act_max,
-                     "FP8_EMIN": FP8_EMIN[fmt], "FP8_MAX": FORMATS[fmt].max, "BLOCK_M": 64, "BLOCK_N": 128}
-    constexpr_names = ("FP8", "LOWP_DOT", "OUT_BF16", "ACT_MAX", "FP8_EMIN", "FP8_MAX", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+                     "FP8_EMIN": FP8_EMIN[fmt], "FP8_MAX": FORMATS[fmt].max, "BLOCK_M": 64, "BLOCK_N": 128,
+                     "SCALE_UE8M0": False}
+    constexpr_names = ("FP8", "LOWP_DOT", "OUT_BF16", "ACT_MAX", "FP8_EMIN", "FP8_MAX", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                       "SCALE_UE8M0")
     if target.backend == "cuda":
         opts = {"num_warps": 4, "num_stages": 3}
         expect = {True: (r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3",), False: (r"wgmma\.mma_async\S*\.f32\.bf16\.bf16",)}

@@ -1,4 +1,5 @@
-"""moe_gate: DeepSeek-V3's sigmoid router (noaux_tc): scores, biased group-limited top-k, renormalised weights."""
+"""moe_gate: DeepSeek-V3's sigmoid router (noaux_tc): scores, biased group-limited top-k, weights renormalised
+unless norm_topk_prob is false."""
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +24,7 @@ def moe_gate_kernel(x_ptr, weight_ptr, bias_ptr, weights_ptr, ids_ptr, M, D, rou
                     stride_x_m, stride_weight_e, stride_weights_m, stride_ids_m,
                     E: tl.constexpr, E_PAD: tl.constexpr, N_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
                     TOPK_GROUPS: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NORM_TOPK_PROB: tl.constexpr = True):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_e = tl.arange(0, E_PAD)
@@ -76,13 +77,15 @@ def moe_gate_kernel(x_ptr, weight_ptr, bias_ptr, weights_ptr, ids_ptr, M, D, rou
         biased = tl.where(sel, float("-inf"), biased)
         top_w = tl.where(offs_k[None, :] == t, w[:, None], top_w)
         top_id = tl.where(offs_k[None, :] == t, idx[:, None], top_id)
-    top_w = top_w / tl.sum(top_w, axis=1)[:, None] * route_scale
+    if NORM_TOPK_PROB:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    top_w = top_w * route_scale
     mask_out = mask_m[:, None] & (offs_k[None, :] < TOPK)
     tl.store(weights_ptr + offs_m[:, None] * stride_weights_m + offs_k[None, :], top_w, mask=mask_out)
     tl.store(ids_ptr + offs_m[:, None] * stride_ids_m + offs_k[None, :], top_id.to(tl.int64), mask=mask_out)
 
 
-def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, *, configs=None):
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True, *, configs=None):
     m, e = x.shape[0], weight.shape[0]
     if e % n_groups or topk_groups > n_groups or topk > topk_groups * (e // n_groups):
         raise ContractError(f"moe_gate: E={e}, n_groups={n_groups}, topk_groups={topk_groups}, topk={topk} "
@@ -102,7 +105,7 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, *, confi
                     stride_weight_e=weight.stride(0), stride_weights_m=weights.stride(0), stride_ids_m=ids.stride(0),
                     E=e, E_PAD=max(16, triton.next_power_of_2(e)), N_GROUPS=n_groups,
                     G_PAD=triton.next_power_of_2(n_groups), TOPK_GROUPS=topk_groups, TOPK=topk,
-                    TOPK_PAD=triton.next_power_of_2(topk)))
+                    TOPK_PAD=triton.next_power_of_2(topk), NORM_TOPK_PROB=bool(norm_topk_prob)))
     return weights.to(out_dtype), ids
 
 
@@ -110,8 +113,9 @@ def compile_specs(target):
     sig = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64",
            "M": "i32", "D": "i32", "route_scale": "fp32", "stride_x_m": "i32", "stride_weight_e": "i32",
            "stride_weights_m": "i32", "stride_ids_m": "i32", **{k: "constexpr" for k in (
-               "E", "E_PAD", "N_GROUPS", "G_PAD", "TOPK_GROUPS", "TOPK", "TOPK_PAD", "BLOCK_M", "BLOCK_D")}}
+               "E", "E_PAD", "N_GROUPS", "G_PAD", "TOPK_GROUPS", "TOPK", "TOPK_PAD", "BLOCK_M", "BLOCK_D",
+               "NORM_TOPK_PROB")}}
     consts = {"E": 256, "E_PAD": 256, "N_GROUPS": 8, "G_PAD": 8, "TOPK_GROUPS": 4, "TOPK": 8, "TOPK_PAD": 8,
-              "BLOCK_M": 16, "BLOCK_D": 64}  # DeepSeek-V3's router
+              "BLOCK_M": 16, "BLOCK_D": 64, "NORM_TOPK_PROB": True}  # DeepSeek-V3's router
     forbid = (r"tf32",) if target.backend == "cuda" else (r"v_mfma\w*xf32",)  # the router stays in ieee fp32
     return [CompileSpec("moe_gate[v3]", moe_gate_kernel, sig, consts, {"num_warps": 4}, forbid=forbid)]

@@ -25,6 +25,14 @@ def round_to_fp8_grid(y, FP8_EMIN: tl.constexpr, FP8_MAX: tl.constexpr, NEG_ZERO
 
 
 @triton.jit
+def round_scale_up_pow2(s):
+    """2^ceil(log2 s) for positive normal fp32 s, exactly (ue8m0 scales): a non-zero mantissa bumps the exponent."""
+    bits = s.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (exp << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_to_bf16(y):
     """Round fp32 y to the nearest bf16 value (ties to even), still as fp32."""
     bits = y.to(tl.uint32, bitcast=True)

@@ -1,9 +1,10 @@
 """The embedded default model and named presets, resolved to HF-format directories."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from deepport.core import settings
+from deepport.core import output_dir, settings
 from deepport.core.checkpoint import random_tensors, save
 from deepport.core.config import PRESETS, preset, to_hf_config
 from deepport.core.errors import ConfigError
@@ -12,7 +13,7 @@ HERE = Path(__file__).parent
 TINY_DIR = HERE / "tiny"
 TOKENIZER = TINY_DIR / "tokenizer.json"
 SEED = 1234
-MATERIALISABLE = ("tiny", "tiny-b")
+MATERIALISABLE = ("tiny", "tiny-b", "v3-200m")
 
 
 def trained_default(fp8: bool = True) -> Path | None:
@@ -33,9 +34,16 @@ def materialise(name: str, fp8: bool, seed: int = SEED) -> Path:
     out = settings.cache_dir() / f"{name}-seed{seed}-{'fp8' if fp8 else 'bf16'}"
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    save(random_tensors(args, seed, fp8=fp8), to_hf_config(args, fp8=fp8), tmp, tokenizer=TOKENIZER)
-    tmp.rename(out)
+    # One writer per entry (processes on one host queue on the lock; the others then reuse its files);
+    # the entry appears by one rename, so a reader never sees it half written.
+    with output_dir.file_lock(out.with_name(f".{out.name}.lock")):
+        if (out / "config.json").is_file():
+            return out
+        legacy = out.with_name(out.name + ".tmp")  # what deepport <= 0.1.0 left when killed mid-write
+        if legacy.is_dir():
+            shutil.rmtree(legacy)
+        with output_dir.staged_dir(out, force=True, what="preset cache entry") as tmp:
+            save(random_tensors(args, seed, fp8=fp8), to_hf_config(args, fp8=fp8), tmp, tokenizer=TOKENIZER)
     return out
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 import deepport
 from deepport import models
-from deepport.core import checkpoint
+from deepport.core import checkpoint, config_checks
 from deepport.core.errors import ConfigError, DeepportError
 from deepport.core.formats import E4M3FN, Fp8Format
 from deepport.core.model import AttnContext, Transformer
@@ -43,6 +43,7 @@ def build(model=None, dtype: str = "fp32", fmt: Fp8Format = E4M3FN) -> Transform
     path = models.resolve(model, fp8=dtype == "fp8")
     args, _ = checkpoint.read_config(path)
     fp8 = fmt if dtype == "fp8" else None
+    config_checks.check_fits(args, dtype, "cpu")
     t = Transformer(args, nodes.table(fp8), dtype=ACT_DTYPES[dtype], fp8=fp8, device="meta")
     checkpoint.load_into(t, path, ACT_DTYPES[dtype], fp8, torch.device("cpu"))
     t.inv_freq = t.inv_freq.cpu()

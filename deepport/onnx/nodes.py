@@ -69,6 +69,9 @@ _FORMAT_OF: dict[int, Fp8Format] = {FP8_TYPES[f.name]: f for f in FORMATS.values
 
 
 def _fp8_attrs(w: Fp8Weight) -> tuple[float, int]:
+    if w.scale_fmt != "fp32":
+        raise DeepportError(f"the ONNX export has fp32 activation scales only; scale_fmt {w.scale_fmt!r} "
+                            f"(DeepSeek-V3.1) is not exported yet: export with --dtype bf16")
     return float(w.fmt.act_max), FP8_TYPES[w.fmt.name]
 
 
@@ -84,7 +87,9 @@ def linear(x, w):
     return Linear.apply(x, w)
 
 
-def act_quant(x, fmt: Fp8Format, block=128):
+def act_quant(x, fmt: Fp8Format, block=128, scale_fmt="fp32"):
+    if scale_fmt != "fp32":
+        raise DeepportError(f"the ONNX export has fp32 activation scales only, not scale_fmt {scale_fmt!r}")
     return ActQuant.apply(x, float(fmt.act_max), int(block), FP8_TYPES[fmt.name])
 
 
@@ -93,6 +98,13 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
         return MoeExpertsFp8.apply(x, topk_weights, topk_ids, w1.weight, w1.scale_inv, w2.weight, w2.scale_inv,
                                    w3.weight, w3.scale_inv, *_fp8_attrs(w1))
     return MoeExperts.apply(x, topk_weights, topk_ids, w1, w2, w3)
+
+
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
+    if not norm_topk_prob:
+        raise DeepportError("the ONNX export's moe_gate renormalises the top-k weights; norm_topk_prob=false "
+                            "is not exported yet")
+    return MoeGate.apply(x, weight, bias, int(n_groups), int(topk_groups), int(topk), float(route_scale))
 
 
 def sample(logits, temperature, top_p, generator):
@@ -114,8 +126,7 @@ def table(fp8: Fp8Format | None = None) -> SimpleNamespace:
         mla_prefill=lambda q, k, v, causal, scale: MlaPrefill.apply(q, k, v, int(causal), float(scale)),
         mla_decode=lambda q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale: MlaDecode.apply(
             q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, float(scale)),
-        moe_gate=lambda x, weight, bias, n_groups, topk_groups, topk, route_scale: MoeGate.apply(
-            x, weight, bias, int(n_groups), int(topk_groups), int(topk), float(route_scale)),
+        moe_gate=moe_gate,
         moe_experts=moe_experts, silu_mul=SiluMul.apply,
         sample=sample, all_reduce=ref.all_reduce, all_to_all=ref.all_to_all,
     )

@@ -164,19 +164,25 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     return out if hp == h else out[:, :, :h].contiguous()
 
 
-def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
     e = weight.shape[0]
     preconditions.moe_gate(e, n_groups, topk_groups, topk)
     why = limits.gating_top_k(dtype_policy.current_chip(), e, topk, topk_groups, n_groups)
     if why or x.dtype == torch.float64:
         _generic("moe_gate", why or "float64 inputs")
-        return generic.moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale)
+        return generic.moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob)
     _fused("moe_gate", "npu_moe_gating_top_k")
     logits = F.linear(x.float(), weight.float())  # [M, E] fp32: the router GEMM stays in torch
-    w, ids, _norm = torch_npu.npu_moe_gating_top_k(
+    # The op always renormalises its sigmoid top-k (y / (sum y + eps) * routed_scaling_factor). Without
+    # norm_topk_prob, take the selection from it and the weights from its normOut output (out_flag=True:
+    # sigmoid(x) for every expert, before the bias).
+    w, ids, norm_out = torch_npu.npu_moe_gating_top_k(
         logits, topk, bias=bias.float(), k_group=topk_groups, group_count=n_groups, group_select_mode=1,
-        renorm=0, norm_type=1, out_flag=False, routed_scaling_factor=float(route_scale), eps=1e-20)
-    return w.float(), ids.long()
+        renorm=0, norm_type=1, out_flag=not norm_topk_prob, routed_scaling_factor=float(route_scale), eps=1e-20)
+    ids = ids.long()
+    if not norm_topk_prob:
+        return norm_out.float().gather(1, ids) * float(route_scale), ids
+    return w.float(), ids
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from deepport.core import preconditions
 from deepport.core.errors import ContractError
-from deepport.core.formats import AMAX_FLOOR, Fp8Format, Fp8Weight, dequantize_weight, is_fp8, scale_grid
+from deepport.core.formats import (AMAX_FLOOR, Fp8Format, Fp8Weight, check_scale_fmt, dequantize_weight, is_fp8,
+                                   round_scale_up_pow2, scale_grid)
 
 
 def _acc(*ts: torch.Tensor) -> torch.dtype:
@@ -47,14 +48,17 @@ def rope(x, cos, sin):
     return out.to(x.dtype)
 
 
-def act_quant(x, fmt: Fp8Format, block=128):
+def act_quant(x, fmt: Fp8Format, block=128, scale_fmt="fp32"):
     k = x.shape[-1]
     if k % block:
         raise ContractError(f"act_quant: last dim {k} is not a multiple of the block {block}; pad K to a multiple of {block}")
+    check_scale_fmt(scale_fmt, "act_quant")
     acc = _acc(x)
     xb = x.to(acc).unflatten(-1, (k // block, block))
     amax = xb.abs().amax(-1)
     s = (torch.clamp(amax, min=AMAX_FLOOR) / fmt.act_max).float()
+    if scale_fmt == "ue8m0":
+        s = round_scale_up_pow2(s)
     codes = (xb / s.to(acc).unsqueeze(-1)).float().to(fmt.dtype).flatten(-2)
     return codes, s
 
@@ -92,7 +96,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
 def linear(x, w):
     if isinstance(w, Fp8Weight):
         lead, k = x.shape[:-1], x.shape[-1]
-        codes, s = act_quant(x.reshape(-1, k), w.fmt)
+        codes, s = act_quant(x.reshape(-1, k), w.fmt, 128, w.scale_fmt)
         y = fp8_gemm(codes, s, w.weight, w.scale_inv, out_dtype=x.dtype)
         return y.reshape(*lead, y.shape[-1])
     return F.linear(x, w.to(x.dtype))
@@ -112,33 +116,32 @@ def mla_prefill(q, k, v, causal, scale):
     return out.to(q.dtype)
 
 
-def _gather_paged(cache, block_table, length):
-    """Rows 0..length-1 of one sequence from a paged cache [NB, P, X]."""
-    p = cache.shape[1]
-    nblocks = -(-length // p)
-    return cache[block_table[:nblocks].long()].flatten(0, 1)[:length]
-
-
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
     preconditions.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens)
     b, s, h, c = q_latent.shape
+    nb, p = kv_cache.shape[:2]
+    t = block_table.shape[1] * p  # every position a block-table row can address
     acc = _acc(q_latent, q_pe, kv_cache)
-    lens = seq_lens.tolist()
-    preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * kv_cache.shape[1])
-    out = torch.empty(b, s, h, c, dtype=acc, device=q_latent.device)
-    for i, length in enumerate(lens):
-        ckv = _gather_paged(kv_cache, block_table[i], length).to(acc)  # [L, C]
-        cpe = _gather_paged(pe_cache, block_table[i], length).to(acc)  # [L, R]
-        scores = (torch.einsum("shc,tc->sht", q_latent[i].to(acc), ckv)
-                  + torch.einsum("shr,tr->sht", q_pe[i].to(acc), cpe)) * scale
-        qi = torch.arange(s, device=q_latent.device).view(s, 1, 1)
-        j = torch.arange(length, device=q_latent.device).view(1, 1, length)
-        scores = scores.masked_fill(j > length - s + qi, float("-inf"))
-        out[i] = torch.einsum("sht,tc->shc", scores.softmax(-1), ckv)
-    return out.to(q_latent.dtype)
+    # Token j of sequence i sits at cache[block_table[i, j // P], j % P]. Unused entries may hold any value:
+    # they are clamped into the pool to gather, and masked out below (seq_lens never read on the host).
+    blocks = block_table.long().clamp(0, nb - 1)
+    j = torch.arange(t, device=q_latent.device)
+    lens = seq_lens.long()
+    held = (j.view(1, t) < lens.view(b, 1)).unsqueeze(-1)  # [B, T, 1]
+    ckv = torch.where(held, kv_cache[blocks].flatten(1, 2).to(acc), 0)  # [B, T, C]
+    cpe = torch.where(held, pe_cache[blocks].flatten(1, 2).to(acc), 0)  # [B, T, R]
+    scores = (torch.einsum("bshc,btc->bsht", q_latent.to(acc), ckv)
+              + torch.einsum("bshr,btr->bsht", q_pe.to(acc), cpe)) * scale
+    qi = torch.arange(s, device=q_latent.device).view(1, s, 1, 1)
+    visible = j.view(1, 1, 1, t) <= lens.view(b, 1, 1, 1) - s + qi  # causal among the S new queries
+    out = torch.einsum("bsht,btc->bshc", scores.masked_fill(~visible, float("-inf")).softmax(-1), ckv)
+    # A length outside [S, max_blocks * P] breaks the precondition; checking it on the host would sync the
+    # device, so such a sequence's output is NaN instead (conformance fails it).
+    bad = (lens < s) | (lens > t)
+    return out.masked_fill(bad.view(b, 1, 1, 1), float("nan")).to(q_latent.dtype)
 
 
-def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
+def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
     m, e = x.shape[0], weight.shape[0]
     preconditions.moe_gate(e, n_groups, topk_groups, topk)
     acc = _acc(x, weight)
@@ -152,7 +155,9 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale):
         biased = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
     ids = biased.topk(topk, dim=-1).indices
     w = scores.gather(1, ids)
-    w = w / w.sum(-1, keepdim=True) * route_scale
+    if norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * route_scale
     return w.to(torch.float64 if acc == torch.float64 else torch.float32), ids
 
 
@@ -164,7 +169,7 @@ def _pair_linear(x, w, ids):
     if isinstance(w, Fp8Weight):
         p, k = x.shape
         n, kb = w.weight.shape[1], k // 128
-        codes, s = act_quant(x, w.fmt)
+        codes, s = act_quant(x, w.fmt, 128, w.scale_fmt)
         partial = torch.einsum("pbk,pnbk->pnb", codes.float().view(p, kb, 128), w.weight[ids].float().view(p, n, kb, 128))
         b_scale = w.scale_inv[ids].float().repeat_interleave(128, dim=1)[:, :n]  # [P, N, KB]
         return (partial * s.unsqueeze(1) * b_scale).sum(-1).to(x.dtype)

@@ -2,10 +2,10 @@
 from deepport.conformance.case import case, fp8_weight, randn
 
 
-def _build(lead, n, k, fp8):
+def _build(lead, n, k, fp8, scale_fmt="fp32"):
     def build(g, fmt):
         x = randn(g, *lead, k)
-        w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5) if fp8 else randn(g, n, k, std=k ** -0.5)
+        w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5, scale_fmt=scale_fmt) if fp8 else randn(g, n, k, std=k ** -0.5)
         return {"x": x, "w": w}
     return build
 
@@ -17,4 +17,7 @@ def cases(tier):
     for v, lead, n, k in shapes:
         for dtype in ("bf16", "fp8"):
             out.append(case("linear", v, dtype, tier, _build(lead, n, k, dtype == "fp8"), reduction=k))
+    v, lead, n, k = shapes[-1]  # DeepSeek-V3.1 (scale_fmt ue8m0): power-of-two weight and activation scales
+    out.append(case("linear", f"ue8m0_{v}", "fp8", tier, _build(lead, n, k, True, "ue8m0"), reduction=k,
+                    note="scale_fmt ue8m0: act_quant rounds activation scales up to powers of two"))
     return out

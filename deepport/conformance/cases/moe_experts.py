@@ -4,7 +4,7 @@ import torch
 from deepport.conformance.case import case, fp8_weight, randn
 
 
-def _build(m, d, inter, e, k, fp8):
+def _build(m, d, inter, e, k, fp8, scale_fmt="fp32"):
     def build(g, fmt):
         x = randn(g, m, d)
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
@@ -12,8 +12,9 @@ def _build(m, d, inter, e, k, fp8):
         weights = torch.rand(m, k, generator=g) + 0.1
         weights = weights / weights.sum(-1, keepdim=True) * 2.5
         if fp8:
-            w1, w3 = fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5), fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5)
-            w2 = fp8_weight(g, e, d, inter, fmt=fmt, std=inter ** -0.5)
+            w1 = fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5, scale_fmt=scale_fmt)
+            w3 = fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5, scale_fmt=scale_fmt)
+            w2 = fp8_weight(g, e, d, inter, fmt=fmt, std=inter ** -0.5, scale_fmt=scale_fmt)
         else:
             w1, w3 = randn(g, e, inter, d, std=d ** -0.5), randn(g, e, inter, d, std=d ** -0.5)
             w2 = randn(g, e, d, inter, std=inter ** -0.5)
@@ -34,4 +35,7 @@ def cases(tier):
             # so the reference runs cpu_ref in x.dtype with its fp32 math, not in fp64
             out.append(case("moe_experts", v, dtype, tier, _build(m, d, inter, e, k, dtype == "fp8"),
                             reduction=d + inter, note=note, reference="native"))
+    if tier == "quick":  # DeepSeek-V3.1 (scale_fmt ue8m0): the fused activation quantisation rounds scales up
+        out.append(case("moe_experts", "ue8m0_decode", "fp8", tier, _build(3, 256, 128, 8, 3, True, "ue8m0"),
+                        reduction=256 + 128, note="scale_fmt ue8m0 experts", reference="native"))
     return out

@@ -4,7 +4,7 @@ import torch
 from deepport.conformance.case import case, randn
 
 
-def _build(m, d, e, n_groups, topk_groups, topk, tie=None):
+def _build(m, d, e, n_groups, topk_groups, topk, tie=None, norm_topk_prob=True):
     def build(g, fmt):
         x = randn(g, m, d)
         weight = randn(g, e, d, std=d ** -0.5)
@@ -17,7 +17,7 @@ def _build(m, d, e, n_groups, topk_groups, topk, tie=None):
             half = e // 2  # every expert of the second half duplicates one of the first half, in another group
             weight[half:], bias[half:] = weight[:half], bias[:half]
         return {"x": x, "weight": weight, "bias": bias, "n_groups": n_groups, "topk_groups": topk_groups,
-                "topk": topk, "route_scale": 2.5}
+                "topk": topk, "route_scale": 2.5, "norm_topk_prob": norm_topk_prob}
     return build
 
 
@@ -42,5 +42,10 @@ def cases(tier):
               ("ungrouped", 8, 64, 32, 1, 1, 6, None), ("near_tie", m, d, 256, 8, 4, 8, "bias"),
               ("exact_tie", 8, 64, 64, 8, 4, 8, "duplicate")]
     note = "sets must match except within 1e-5 of a tie (k-th vs k+1-th biased score, or kept-group boundary)"
-    return [case("moe_gate", v, "bf16", tier, _build(*shape, tie=tie), compare="routing", reduction=shape[1],
-                 note=note) for v, *shape, tie in shapes]
+    out = [case("moe_gate", v, "bf16", tier, _build(*shape, tie=tie), compare="routing", reduction=shape[1],
+                note=note) for v, *shape, tie in shapes]
+    # norm_topk_prob=false (HF config): weights s[ids] * route_scale, not renormalised
+    no_renorm = [("no_renorm_v3", m, d, 256, 8, 4, 8), ("no_renorm_ungrouped", 8, 64, 48, 1, 1, 8)]
+    out += [case("moe_gate", v, "bf16", tier, _build(*shape, norm_topk_prob=False), compare="routing",
+                 reduction=shape[1], note="norm_topk_prob=false: " + note) for v, *shape in no_renorm]
+    return out

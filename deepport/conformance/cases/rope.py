@@ -13,9 +13,9 @@ def _tables(positions):
     return (torch.cos(angles) * f).float(), (torch.sin(angles) * f).float()
 
 
-def _build(b, s, h, max_pos):
+def _build(b, s, h, max_pos, dtype=torch.bfloat16):
     def build(g, fmt):
-        x = randn(g, b, s, h, v3_args().qk_rope_head_dim)
+        x = randn(g, b, s, h, v3_args().qk_rope_head_dim, dtype=dtype)
         start = torch.randint(0, max_pos - s, (b, 1), generator=g)
         cos, sin = _tables(start + torch.arange(s))
         return {"x": x, "cos": cos, "sin": sin}
@@ -23,7 +23,9 @@ def _build(b, s, h, max_pos):
 
 
 def cases(tier):
-    shapes = {"quick": [("q", 2, 3, 4, 4096), ("k", 3, 2, 1, 8192)],
-              "full": [("q", 2, 16, 128, 163840), ("k", 4, 64, 1, 163840)]}[tier]
-    return [case("rope", v, "bf16", tier, _build(b, s, h, p), note="YaRN cos/sin (v3-671b), ragged positions")
-            for v, b, s, h, p in shapes]
+    f32 = torch.float32
+    shapes = {"quick": [("q", 2, 3, 4, 4096, None), ("k", 3, 2, 1, 8192, None), ("fp32in", 2, 3, 4, 163840, f32)],
+              "full": [("q", 2, 16, 128, 163840, None), ("k", 4, 64, 1, 163840, None),
+                       ("fp32in", 2, 16, 128, 163840, f32)]}[tier]
+    return [case("rope", v, "bf16", tier, _build(b, s, h, p, dt or torch.bfloat16), out_dtype="fp32" if dt else "",
+                 note="YaRN cos/sin (v3-671b), ragged positions") for v, b, s, h, p, dt in shapes]

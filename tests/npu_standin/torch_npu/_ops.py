@@ -112,7 +112,8 @@ def npu_moe_gating_top_k(x, k, *, bias=None, k_group=1, group_count=1, group_sel
     idx = sel.topk(k, dim=-1).indices
     y = score.gather(1, idx)  # weights from the unbiased sigmoid scores, always renormalised for sigmoid
     y = y / (y.sum(-1, keepdim=True) + eps) * routed_scaling_factor
-    return y.to(x.dtype), idx.to(torch.int32), score
+    norm_out = score.to(x.dtype) if out_flag else torch.empty(0, dtype=x.dtype)  # normOut only with out_flag
+    return y.to(x.dtype), idx.to(torch.int32), norm_out
 
 
 def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,

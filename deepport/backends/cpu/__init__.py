@@ -1,0 +1,58 @@
+"""cpu: the fast default path on x86 and ARM CPUs (torch's kernels, fp32 compute where bf16 is emulated)."""
+from pathlib import Path
+
+from deepport.core.registry import Backend, Probe
+
+
+def _probe() -> Probe:
+    from deepport.backends.cpu import capability
+
+    return Probe(True, f"{capability.describe()}; computes in {capability.compute_dtype()}")
+
+
+def _load():
+    from deepport.backends.cpu import ops
+
+    return {name: getattr(ops, name) for name in ops.__all__}
+
+
+def _evidence() -> str:
+    from deepport.backends.cpu import capability
+
+    return f"hardware: cpu ({capability.describe()})"
+
+
+def _compute_dtype() -> str:
+    from deepport.backends.cpu import capability
+
+    return capability.compute_dtype()
+
+
+def _sources() -> dict:
+    return {"rms_norm": "torch F.rms_norm (+ fused residual add)", "rope": "torch complex product",
+            "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
+            "linear": "torch F.linear (fp8: act_quant + fp8_gemm)",
+            "mla_prefill": "torch scaled_dot_product_attention",
+            "mla_decode": "torch batched gather + bmm over the paged latent cache",
+            "moe_gate": "torch", "moe_experts": "torch: all experts / gathered pairs / sorted groups by size",
+            "silu_mul": "torch", "sample": "torch", "all_reduce": "torch.distributed (gloo)",
+            "all_to_all": "torch.distributed (gloo)"}
+
+
+BACKEND = Backend(
+    name="cpu",
+    device_type="cpu",
+    probe=_probe,
+    load=_load,
+    # fp32 everywhere; bf16 = bf16 storage and rounding per the contracts, arithmetic in fp32 (native bf16
+    # dot products only on AVX512-BF16/AMX/ARM bf16). No fp8: FP8 checkpoints are served as the compute dtype.
+    dtypes=frozenset({"bf16", "fp32"}),
+    fp8_format=None,
+    dist_backend="gloo",
+    origin="builtin",
+    conformance_toml=Path(__file__).with_name("conformance.toml"),
+    description="fast CPU path (torch kernels, SDPA, vectorised paged decode, batched MoE)",
+    evidence=_evidence,
+    sources=_sources,
+    compute_dtype=_compute_dtype,
+)

@@ -1,0 +1,134 @@
+"""`deepport bench --compare transformers`: deepport against transformers' DeepseekV3ForCausalLM, side by side.
+
+Same checkpoint (an FP8 one is converted once to fp32 for transformers, whose fp8 path wants a GPU), same
+prompt, batch, new tokens and torch threads; greedy decoding; runs interleaved (deepport, transformers,
+deepport, ...) so machine load hits both alike; medians. Also the weight-streaming limit of decode: the
+weight bytes one decode step reads divided by the memory bandwidth of a large torch copy.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from deepport.core import settings
+from deepport.core.errors import DeepportError
+
+
+def hf_checkpoint(path: Path) -> Path:
+    """`path` itself, or (FP8 checkpoints) an fp32 copy made once under DEEPPORT_CACHE."""
+    from deepport.core import checkpoint
+
+    args, _ = checkpoint.read_config(path)
+    if args.fp8_block is None:
+        return path
+    out = settings.cache_dir() / f"hf-fp32-{Path(path).resolve().parent.name}-{Path(path).name}"
+    if not (out / "config.json").is_file():
+        checkpoint.convert(path, out, "fp32")
+    return out
+
+
+def load_transformers(path: Path):
+    try:
+        from transformers import DeepseekV3ForCausalLM
+    except ImportError as e:
+        raise DeepportError(f"--compare transformers needs transformers with DeepseekV3 ({e}); "
+                            f"pip install 'transformers>=4.57'") from None
+    import logging
+
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)  # the MTP layer's keys are unused
+    return DeepseekV3ForCausalLM.from_pretrained(hf_checkpoint(path), torch_dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_generate(hf, ids: list[int], batch: int, new_tokens: int) -> dict:
+    """Greedy decoding with transformers' own KV cache: one batched prefill, then one step per token."""
+    x = torch.tensor([ids] * batch)
+    t0 = time.perf_counter()
+    out = hf(input_ids=x, use_cache=True)
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    past, toks = out.past_key_values, [tok]
+    for _ in range(new_tokens - 1):
+        out = hf(input_ids=tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+    t2 = time.perf_counter()
+    return {"prefill_tokens_per_s": batch * len(ids) / (t1 - t0),
+            "decode_tokens_per_s": batch * (new_tokens - 1) / (t2 - t1),
+            "tokens": torch.cat(toks, 1)[0].tolist()}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s moved by a large tensor copy (read + write counted), best of `repeats`."""
+    a = torch.ones(nbytes // 8, dtype=torch.float32)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def decode_weight_bytes(transformer, batch: int = 1) -> int:
+    """Weight bytes one decode step of the main model reads: everything but the embedding table (one row
+    per token) and the MTP modules, with routed experts counted by the expected number touched by `batch`
+    tokens (E * (1 - (1 - k/E)^batch))."""
+    a = transformer.args
+    total = 0
+    for name, p in transformer.named_parameters():
+        if name.startswith(("mtp.", "embed.")):
+            continue
+        nbytes = p.numel() * p.element_size()
+        if ".experts." in name:
+            nbytes *= 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
+        total += nbytes
+    return int(total)
+
+
+def _ids(model, prompt: str) -> list[int]:
+    return model.encode(prompt)
+
+
+def compare(model, prompt: str, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Median prefill/decode tokens/s of deepport (`model`) and transformers, interleaved, and their ratios."""
+    ids = _ids(model, prompt)
+    hf = load_transformers(model.path)
+    prompts = [ids] * batch
+    model.generate_batch(prompts, max_new_tokens=min(4, new_tokens))  # warm-up
+    hf_generate(hf, ids, batch, min(4, new_tokens))
+    dp_runs, hf_runs = [], []
+    for _ in range(repeats):
+        r = model.generate_batch(prompts, max_new_tokens=new_tokens)
+        dp_runs.append(dict(r[0].stats, tokens=r[0].tokens))
+        hf_runs.append(hf_generate(hf, ids, batch, new_tokens))
+    out = {}
+    for side, runs in (("deepport", dp_runs), ("transformers", hf_runs)):
+        out[side] = {k: statistics.median(r[k] for r in runs) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    for k in ("prefill", "decode"):
+        out[f"{k}_ratio"] = out["deepport"][f"{k}_tokens_per_s"] / out["transformers"][f"{k}_tokens_per_s"]
+    n = min(len(dp_runs[0]["tokens"]), len(hf_runs[0]["tokens"]))
+    out["greedy_tokens_equal"] = dp_runs[0]["tokens"][:n] == hf_runs[0]["tokens"][:n]
+    wbytes = decode_weight_bytes(model.transformer, batch)
+    bw = copy_bandwidth()
+    out["weight_streaming"] = {"decode_weight_bytes_per_step": wbytes, "copy_bandwidth_bytes_per_s": bw,
+                               "limit_decode_tokens_per_s": batch * bw / wbytes,
+                               "deepport_fraction_of_limit": out["deepport"]["decode_tokens_per_s"] * wbytes / (batch * bw)}
+    return out
+
+
+def print_comparison(report: dict) -> None:
+    c = report["compare"]
+    d, t = c["deepport"], c["transformers"]
+    print(f"{'':<14} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'deepport':<14} {d['prefill_tokens_per_s']:>14.1f} {d['decode_tokens_per_s']:>13.1f}")
+    print(f"{'transformers':<14} {t['prefill_tokens_per_s']:>14.1f} {t['decode_tokens_per_s']:>13.1f}")
+    print(f"{'ratio':<14} {c['prefill_ratio']:>13.2f}x {c['decode_ratio']:>12.2f}x")
+    w = c["weight_streaming"]
+    print(f"weight streaming: {w['decode_weight_bytes_per_step'] / 1e6:.1f} MB read per decode step, copy bandwidth "
+          f"{w['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> limit {w['limit_decode_tokens_per_s']:.1f} tok/s; "
+          f"deepport at {w['deepport_fraction_of_limit']:.2f} of it")
+    print(f"greedy tokens equal: {c['greedy_tokens_equal']}")
