@@ -24,7 +24,9 @@ def collect(m) -> dict:
     greedy = generate(m.transformer, prompts, 6, eos_id=m.args.eos_token_id)
     out = {"logits": m.logits(IDS),
            "tokens": greedy.tokens,
-           "cache_bytes": sum(t.numel() * t.element_size() for t in greedy.cache.kv + greedy.cache.pe),
+           # the row pools only: the one scratch block (padding rows' target) is per cache, not per row
+           "cache_bytes": sum(t[:greedy.cache.scratch].numel() * t.element_size()
+                              for t in greedy.cache.kv + greedy.cache.pe),
            "sampled": m.generate(prompts[1], max_new_tokens=4, temperature=1.0, seed=3).tokens,
            "weight_bytes": weight_bytes(m.transformer)}
     if m.args.n_mtp_layers:
