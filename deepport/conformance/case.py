@@ -27,6 +27,8 @@ class Case:
     out_dtype: "fp32" when the op's outputs are fp32 (fp32 inputs, or out_dtype=float32): the tolerance row is
     then fp32's (tolerances.py); "" = the case dtype's row. expect: optional `expect(inputs) -> value` that
     replaces cpu_ref's answer (collectives across ranks: the sum or exchange of every rank's seeded inputs).
+    magnitude: the largest |intermediate| whose rounding sets the error where that is far from unit scale
+    (attention: the largest |scaled score|); tolerances.MAGNITUDE_ATOL x magnitude is added to atol; 0 = unit scale.
     compare "seeded": the runner calls the op three times (the case's generator, a fresh one with the same
     seed, one with another seed) and compare.py judges the three draws.
     """
@@ -41,6 +43,7 @@ class Case:
     note: str = ""
     reference: str = "fp64"
     out_dtype: str = ""
+    magnitude: float = 0.0
     expect: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -3,7 +3,7 @@ contexts long enough that any split-KV kernel splits them (quick tier too); larg
 import torch
 
 from deepport.conformance.case import case, randn, v3_args
-from deepport.conformance.cases.mla_prefill import BIAS_DIM, SHIFTS, SPREAD
+from deepport.conformance.cases.mla_prefill import BIAS_DIM, SCORE_MAX, SHIFTS, SPREAD
 
 
 def _build(seq_lens, s, h, page, spare_blocks, large=False, dtype=torch.bfloat16):
@@ -24,8 +24,9 @@ def _build(seq_lens, s, h, page, spare_blocks, large=False, dtype=torch.bfloat16
         q_latent, q_pe = randn(g, b, s, h, c, std=c ** -0.25, dtype=f32), randn(g, b, s, h, r, std=c ** -0.25, dtype=f32)
         kv, pe = randn(g, nb, page, c, dtype=f32), randn(g, nb, page, r, dtype=f32)
         if large:  # scaled scores = shift(row) + N(0, SPREAD^2): V is the latent, so dim 0 is a constant column of V
-            q_latent = q_latent * (SPREAD / (a.softmax_scale * c ** 0.25 * (c + r) ** 0.5) * c ** 0.25)
-            q_pe = q_pe * (SPREAD / (a.softmax_scale * (c + r) ** 0.5))
+            # q rows of std SPREAD / (scale * sqrt(C + R)) against unit-normal cache rows: scaled std SPREAD
+            q_latent = q_latent * (SPREAD * c ** 0.25 / (a.softmax_scale * (c + r) ** 0.5))
+            q_pe = q_pe * (SPREAD * c ** 0.25 / (a.softmax_scale * (c + r) ** 0.5))
             kv[..., 0] = BIAS_DIM
             rows = s * h
             shift = torch.tensor(SHIFTS).repeat(b * rows)[:b * rows].view(b, s, h)
@@ -55,5 +56,6 @@ def cases(tier):
     note = "C=512, R=64; scale = v3-671b softmax_scale (with YaRN mscale), never 576^-0.5"
     big = "; scaled scores ~+80..+100 and ~-150..-110 by row"
     return [case("mla_decode", v, "bf16", tier, _build(lens, s, h, p, spare, large, dt or torch.bfloat16),
-                 note=f"{note}; seq_lens {lens}, S={s}, P={p}" + (big if large else ""), out_dtype="fp32" if dt else "")
+                 note=f"{note}; seq_lens {lens}, S={s}, P={p}" + (big if large else ""), out_dtype="fp32" if dt else "",
+                 magnitude=SCORE_MAX if large else 0.0)
             for v, lens, s, h, p, spare, large, dt in shapes]

@@ -10,6 +10,7 @@ from deepport.conformance.case import case, randn, v3_args
 SHIFTS = (80.0, -130.0)
 SPREAD = 5.0
 BIAS_DIM = 8.0  # every key's dim 0; the query's dim 0 carries the row's shift
+SCORE_MAX = max(abs(s) for s in SHIFTS) + 4 * SPREAD  # 150: the largest |scaled score| (Case.magnitude)
 
 
 def large_scores(g, q, k, scale):
@@ -48,5 +49,5 @@ def cases(tier):
     note = "scale = v3-671b softmax_scale (192^-0.5 x YaRN mscale^2)"
     big = "; scaled scores ~+80..+100 and ~-150..-110 by row (fp32 exp over/underflows without max subtraction)"
     return [case("mla_prefill", v, "bf16", tier, _build(b, s, t, h, c, large, dt or torch.bfloat16),
-                 note=note + (big if large else ""), out_dtype="fp32" if dt else "")
+                 note=note + (big if large else ""), out_dtype="fp32" if dt else "", magnitude=SCORE_MAX if large else 0.0)
             for v, b, s, t, h, c, large, dt in shapes]
