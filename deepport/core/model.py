@@ -121,6 +121,8 @@ class MLA(nn.Module):
 
     def absorbed(self, dtype):
         """W_UK [H, nope, C] and W_UV [H, v, C] from wkv_b, dequantised once (recomputed when training)."""
+        if torch.compiler.is_compiling() and self._absorbed is not None and self._absorbed[0][2] == dtype:
+            return self._absorbed[1], self._absorbed[2]  # warmed before compiling (core/step.py); no data_ptr
         key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, dtype)
         if self._absorbed is None or self._absorbed[0] != key or self.wkv_b.weight.requires_grad:
             w = self.wkv_b.dense(dtype).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
