@@ -96,10 +96,9 @@ def cmd_convert(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deepport import __version__
-
     ap = cli_checks.Parser(prog="deepport", description="Run DeepSeek-V3 on any accelerator.")
-    ap.add_argument("--version", action="version", version=f"deepport {__version__}")
+    ap.add_argument("--version", action="version", version=cli_checks.version_text(),
+                    help="print the version and where the docs named in messages are, then exit")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=cli_checks.Parser)
 
     p = sub.add_parser("backends", help="list discovered backends and whether they are available")

@@ -124,3 +124,19 @@ def quiet_broken_pipe() -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def docs_dir() -> str:
+    """Where the docs named in messages (docs/*.md) are: deepport/docs in a wheel, the checkout's docs/ otherwise."""
+    pkg = Path(__file__).resolve().parent
+    for d in (pkg / "docs", pkg.parent / "docs"):
+        if d.is_dir():
+            return str(d)
+    return "docs/ in the source distribution"
+
+
+def version_text() -> str:
+    """`deepport --version`: the version (one source: deepport.__version__) and where the docs are."""
+    from deepport import __version__
+
+    return f"deepport {__version__} (docs: {docs_dir()})"
