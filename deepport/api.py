@@ -34,6 +34,7 @@ class Model:
         self.world = world  # distributed.World under tensor/expert parallelism, else None
         self.shard_plan = None  # parallel.ShardPlan: what this rank read of the checkpoint
         self.served_as = None  # an FP8 checkpoint served in another dtype (dequantised at load): that dtype
+        self.step = None  # core.step.DecodeStep when loaded with compile=True or graphs=True (else eager decode)
 
     @property
     def is_rank0(self) -> bool:
@@ -103,10 +104,10 @@ class Model:
 
             if not self.args.n_mtp_layers:
                 raise DeepportError(f"{self.path} has no MTP module (num_nextn_predict_layers=0); drop --mtp")
-            gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+            gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos, step=self.step)
         else:
             try:
-                gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos)
+                gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos, step=self.step)
             except finite.NonFiniteLogits as e:  # replay the steps with every op checked: name the culprit
                 raise finite.locate(self.transformer, ids, e) from None
         decode = self.tokenizer.decode if self.tokenizer else (lambda t: "")
@@ -126,11 +127,13 @@ def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
 
 
 def load(model=None, *, backend="auto", dtype="auto", fallback="reference", device=None, tp: int = 1, ep: int = 1,
-         dp_attention: bool = False, timeout_s: float = 300.0, check_weights: bool = True) -> Model:
+         dp_attention: bool = False, timeout_s: float = 300.0, check_weights: bool = True, compile: bool = False,
+         graphs: bool = False) -> Model:
     """tp/ep > 1: tensor/expert parallelism over torch.distributed; run under torchrun with tp x ep processes
     (see docs/parallel.md). Each rank reads only its shard of the checkpoint. dp_attention (tp=1, ep>=2):
     each rank attends for and caches only its own sequences. check_weights=False skips the NaN/inf weight and
-    fp8 scale checks at load (docs/robustness.md)."""
+    fp8 scale checks at load (docs/robustness.md). compile=True: decode steps run torch.compile'd (fullgraph);
+    graphs=True (cuda/rocm): captured as CUDA/HIP graphs per batch bucket (docs/compile.md)."""
     b = registry.select(backend)
     layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
     if dp_attention:
@@ -146,8 +149,11 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     elif args.fp8_block is not None and dtype != "fp8" and "fp8" not in b.dtypes:
         registry.warn(f"FP8 checkpoint served as {dtype} on backend {b.name!r} (no fp8 arithmetic here; "
                       f"weights dequantised once at load)")
-    table = registry.bind(b, fallback=fallback)
+    table = registry.bind(b, fallback=fallback, custom_ops=compile or graphs)
     dev = torch.device(device) if device else table.device
+    if graphs and dev.type != "cuda":
+        raise DeepportError(f"graphs=True (--graphs) captures CUDA/HIP graphs, but backend {b.name!r} runs on "
+                            f"{dev.type}; drop it (compile=True / --compile works on every backend)")
     fp8 = table.fp8 if dtype == "fp8" else None
     config_checks.check_fits(args, dtype, dev, ranks=tp * ep)  # refuse before any allocation
     t = Transformer(args, table, dtype=TORCH_DTYPES[dtype], fp8=fp8, device="meta")
@@ -163,4 +169,8 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)
     m.shard_plan = plan
     m.served_as = dtype if args.fp8_block is not None and dtype != "fp8" else None
+    if compile or graphs:
+        from deepport.core.step import DecodeStep
+
+        m.step = DecodeStep(t, compile=compile, graphs=graphs)
     return m

@@ -57,7 +57,9 @@ class _Drafter:
 
 @torch.inference_mode()
 def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, eos_id: int | None = None, block_size: int = 16) -> Generation:
+                 seed: int | None = None, eos_id: int | None = None, block_size: int = 16, step=None) -> Generation:
+    """step: a core.step.DecodeStep for the S=2 verification forward over every row (rows that are done
+    are fed too and rolled back: the step's shapes stay static); None: eager, active rows only."""
     if any(len(p) == 0 for p in prompts):
         raise DeepportError("empty prompt; give at least one token")
     if max_new_tokens < 1:
@@ -65,7 +67,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
     device = model.embed.weight.device
     b = len(prompts)
     room = max(len(p) for p in prompts) + max_new_tokens + 3
-    cache = model.new_cache(b, room, block_size)
+    cache = step.cache(b, room, block_size) if step is not None else model.new_cache(b, room, block_size)
     mtp_cache = model.new_cache(b, room, block_size, mtp=True)
     sampler = Sampler(model.ops, temperature, top_p, seed)
     drafter = _Drafter(sampler)
@@ -101,9 +103,20 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
         active = [r for r in range(b) if not done[r]]
         if not active:
             break
-        inp = torch.tensor([[last[r], draft[r]] for r in active], device=device)
-        h = model(inp, cache, rows=active)  # [A, 2, D]
-        logits = model.logits(h)  # [A, 2, V]
+        if step is not None:
+            every = list(range(b))
+            cache.reserve(every, 2)
+            h, logits = step(torch.tensor([[last[r], draft[r]] for r in every], device=device), cache)
+            cache.advance(every, 2)
+            for r in every:
+                if done[r]:
+                    cache.truncate(r, cache.lens[r] - 2)
+            pick = torch.tensor(active, device=device)
+            h, logits = h[pick], logits[pick]  # [A, 2, D], [A, 2, V]
+        else:
+            inp = torch.tensor([[last[r], draft[r]] for r in active], device=device)
+            h = model(inp, cache, rows=active)  # [A, 2, D]
+            logits = model.logits(h)  # [A, 2, V]
         finite.check_logits(logits, forwards)  # the sampling path below bypasses the sampler's own check
         forwards += 1
         drafted += len(active)
