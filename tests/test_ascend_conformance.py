@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 from ascend_standin import STANDIN, npu  # noqa: F401  (fixture)
 from deepport.core import ops as contracts
@@ -12,7 +13,10 @@ def test_quick_bf16_passes_with_every_op_named(npu):
     from deepport.backends.ascend import ops
     from deepport.conformance.runner import run
 
-    report = run("ascend", tier="quick", dtypes=("bf16",), fallback="error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run("ascend", tier="quick", dtypes=("bf16",), fallback="error")
+    said = [str(w.message) for w in caught]  # one warning per reason a call left the fused op
     assert report.label == "stand-in" and report.exit_code == 0
     assert {r.status for r in report.results} == {"pass"}
     fp8_only = {"act_quant", "weight_dequant", "fp8_gemm"}  # their cases are fp8 cases
@@ -23,8 +27,8 @@ def test_quick_bf16_passes_with_every_op_named(npu):
     # every op with a torch_npu kernel ran it on at least one quick case
     assert fused == {op for op, what in ops.PROVENANCE.items() if what.startswith("torch_npu.")}
     # outside the chip limits the generic path ran, for a recorded reason (page size 4; 64 experts on a 910B)
-    assert taken[("mla_decode", ops.GENERIC)] >= 1 and "block size 4" in ops.last_reason["mla_decode"]
-    assert taken[("moe_gate", ops.GENERIC)] >= 1 and "256 experts" in ops.last_reason["moe_gate"]
+    assert taken[("mla_decode", ops.GENERIC)] >= 1 and any("mla_decode" in m and "block size 4" in m for m in said)
+    assert taken[("moe_gate", ops.GENERIC)] >= 1 and any("moe_gate" in m and "256 experts" in m for m in said)
 
 
 def test_cli_labels_stand_in(tmp_path):

@@ -72,13 +72,19 @@ def mla_decode_no_mscale(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_le
     return ref.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, d ** -0.5)
 
 
+def _gather(cache, row, length):
+    """Token j of a sequence sits at cache[row[j // P], j % P]: its first `length` cache rows, in order."""
+    page = cache.shape[1]
+    return cache[row.long()[: -(-length // page)]].flatten(0, 1)[:length]
+
+
 def mla_decode_mask_off_by_one(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
     """Causal mask among the S new queries shifted by one: query i also sees new token i+1."""
     b, s, h, c = q_latent.shape
     out = torch.empty(b, s, h, c, dtype=torch.float32)
     for i, length in enumerate(seq_lens.tolist()):
-        ckv = ref._gather_paged(kv_cache, block_table[i], length).float()
-        cpe = ref._gather_paged(pe_cache, block_table[i], length).float()
+        ckv = _gather(kv_cache, block_table[i], length).float()
+        cpe = _gather(pe_cache, block_table[i], length).float()
         scores = (torch.einsum("shc,tc->sht", q_latent[i].float(), ckv)
                   + torch.einsum("shr,tr->sht", q_pe[i].float(), cpe)) * scale
         qi = torch.arange(s).view(s, 1, 1)
