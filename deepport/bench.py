@@ -35,6 +35,16 @@ def cmd_bench(a) -> int:
         report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats)
         print(json.dumps(report, indent=2)) if a.json else bench_compare.print_comparison(report)
         return 0
+    if a.compile or a.graphs:  # eager vs compiled (vs graphs), host-overhead share: deepport/bench_step.py
+        from deepport import bench_step
+
+        def load(compile, graphs):
+            return m if not (compile or graphs) else deepport.load(
+                a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, compile=compile, graphs=graphs)
+
+        report["step_compare"] = bench_step.compare(load, prompts, a.max_new_tokens, a.repeats, a.graphs)
+        print(json.dumps(report, indent=2)) if a.json else bench_step.print_report(report)
+        return 0
     print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}, {a.max_new_tokens} new tokens",
           file=sys.stderr)
     report["plain"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=False)
@@ -69,6 +79,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--compare", choices=("transformers",), default=None,
                    help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")
+    p.add_argument("--compile", action="store_true",
+                   help="decode tok/s eager vs torch.compile'd step (tokens compared) and each one's host-overhead share")
+    p.add_argument("--graphs", action="store_true", help="also the step captured as CUDA/HIP graphs (cuda/rocm)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
     p.set_defaults(fn=cmd_bench)
 

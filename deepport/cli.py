@@ -55,7 +55,8 @@ def cmd_generate(a) -> int:
 
     try:
         m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, tp=a.tp, ep=a.ep,
-                          dp_attention=a.dp_attention, check_weights=a.check_weights)
+                          dp_attention=a.dp_attention, check_weights=a.check_weights, compile=a.compile,
+                          graphs=a.graphs)
         prompt = a.prompt if a.prompt is not None else "def fibonacci(n):\n"
         if a.prompt_ids:
             prompt = a.prompt_ids
@@ -74,6 +75,8 @@ def cmd_generate(a) -> int:
     print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
     if fallbacks:
         print(f"# ops on the cpu_ref fallback: {', '.join(fallbacks)}", file=sys.stderr)
+    if m.step is not None:
+        print(f"# decode steps: {m.step.describe()}, first calls {m.step.compile_s:.1f} s", file=sys.stderr)
     unfused = [op for op, src in m.op_sources().items() if src.startswith("generic")]
     if unfused:
         print(f"# ops on the backend's generic torch path (no fused kernel): {', '.join(unfused)}", file=sys.stderr)
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-weights", dest="check_weights", action="store_false",
                    help="skip the NaN/inf weight and fp8 scale checks at load (docs/robustness.md)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
+    p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (docs/compile.md)")
+    p.add_argument("--graphs", action="store_true", help="capture decode steps as CUDA/HIP graphs (cuda/rocm)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     p.add_argument("--tp", type=cli_checks.positive_int, default=1,
                    help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")

@@ -1,0 +1,130 @@
+"""`deepport bench --compile/--graphs`: decode tok/s eager vs compiled (vs captured), and the host-overhead share.
+
+Host overhead of a decode step, from torch.profiler: the share of the step's wall time covered by no op
+body, where an op body is any ATen op, deepport:: custom op or compiled (Inductor) kernel the profiler
+records; what is left is Python, module calls, argument packing and dispatch between ops. On an
+accelerator the device side runs asynchronously, so this is the time the host needs to issue a step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+_OP_PREFIXES = ("aten::", "deepport::", "cpp_fused", "triton_", "graph_", "cuda")
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith(_OP_PREFIXES) or "cpp_fused" in name or "kernel" in name.lower()
+
+
+def _union_us(intervals) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def host_overhead(m, batch: int, steps: int = 8, prompt_len: int = 8) -> dict:
+    """Profile `steps` decode steps of model m (its DecodeStep when it has one): wall ms per step, the
+    share of it outside op bodies, and the op-body ms."""
+    t = m.transformer
+    device = t.embed.weight.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, t.args.vocab_size, (batch, prompt_len), generator=g).to(device)
+    step = m.step
+    with torch.inference_mode():
+        cache = step.cache(batch, prompt_len + 2 * steps + 4) if step is not None else \
+            t.new_cache(batch, prompt_len + 2 * steps + 4)
+        rows = list(range(batch))
+        for r in rows:
+            t(ids[r:r + 1], cache, rows=[r])
+        tok = ids[:, -1:]
+
+        def one():
+            cache.reserve(rows, 1)
+            if step is not None:
+                logits = step(tok, cache)[1][:batch, -1]
+            else:
+                logits = t.logits(t(tok, cache)[:, -1])
+                cache.advance(rows, 1)
+                return logits
+            cache.advance(rows, 1)
+            return logits
+
+        for _ in range(2):  # warm (compiles or captures new shapes)
+            tok = one().argmax(-1, keepdim=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                with torch.profiler.record_function("deepport.decode_step"):
+                    tok = one().argmax(-1, keepdim=True)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    marks = [e for e in events if e.name == "deepport.decode_step"]
+    shares, walls, bodies = [], [], []
+    for mark in marks:
+        a, b = mark.time_range.start, mark.time_range.end
+        ops = [(max(e.time_range.start, a), min(e.time_range.end, b)) for e in events
+               if e is not mark and _is_op(e.name) and e.time_range.end > a and e.time_range.start < b]
+        body = _union_us(ops)
+        walls.append((b - a) / 1e3)
+        bodies.append(body / 1e3)
+        shares.append(1.0 - body / max(b - a, 1e-9))
+    return {"step_ms": statistics.median(walls), "op_body_ms": statistics.median(bodies),
+            "host_overhead_share": statistics.median(shares), "steps_profiled": len(marks)}
+
+
+def compare(load, prompts, max_new_tokens: int, repeats: int, graphs: bool) -> dict:
+    """Eager vs compiled (vs compiled + graphs with graphs=True): decode tok/s, tokens identical, host share.
+
+    `load(compile=..., graphs=...)` returns a Model; the runs interleave so a busy machine slows both alike."""
+    torch._inductor.config.cpp.enable_kernel_profile = True  # compiled kernels appear in the profile
+    variants = {"eager": load(compile=False, graphs=False)}
+    t0 = time.perf_counter()
+    variants["compiled"] = load(compile=True, graphs=False)
+    if graphs:
+        variants["graphs"] = load(compile=True, graphs=True)
+    out: dict = {}
+    first: dict = {}
+    for name, m in variants.items():  # warm-up: the compiled step's first call compiles
+        t1 = time.perf_counter()
+        first[name] = m.generate_batch(prompts, max_new_tokens=max_new_tokens)
+        out.setdefault(name, {})["first_run_s"] = time.perf_counter() - t1
+    out["compiled"]["load_and_compile_s"] = (time.perf_counter() - t0) - out["eager"]["first_run_s"]
+    runs = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, m in variants.items():
+            runs[name].append(m.generate_batch(prompts, max_new_tokens=max_new_tokens)[0].stats["decode_tokens_per_s"])
+    batch = len(prompts)
+    for name, m in variants.items():
+        out[name]["decode_tokens_per_s"] = statistics.median(runs[name])
+        out[name]["tokens_equal_eager"] = [r.tokens for r in first[name]] == [r.tokens for r in first["eager"]]
+        out[name].update(host_overhead(m, batch))
+        if m.step is not None:
+            out[name]["step"] = m.step.describe()
+            out[name]["step_report"] = list(m.step.report)
+    base = out["eager"]["decode_tokens_per_s"]
+    for name in variants:
+        out[name]["speedup_vs_eager"] = out[name]["decode_tokens_per_s"] / max(base, 1e-9)
+    return out
+
+
+def print_report(report: dict) -> None:
+    c = report["step_compare"]
+    for name in ("eager", "compiled", "graphs"):
+        if name not in c:
+            continue
+        r = c[name]
+        print(f"{name:<9} decode {r['decode_tokens_per_s']:8.1f} tok/s  x{r['speedup_vs_eager']:.2f}  "
+              f"step {r['step_ms']:.2f} ms, host overhead {100 * r['host_overhead_share']:.0f}%  "
+              f"tokens==eager {r['tokens_equal_eager']}  first run {r['first_run_s']:.1f} s")
+    for line in c.get("compiled", {}).get("step_report", []):
+        print(f"  {line}")
