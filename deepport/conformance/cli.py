@@ -35,7 +35,7 @@ def cmd_conformance(a) -> int:
     if a.list:
         from deepport.conformance.cases import all_cases
 
-        for c in all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,)):
+        for c in all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,) if a.dtype != "fp32" else ()):
             print(f"{c.name:<40} {c.op:<15} {c.dtype:<5} {c.note}")
         return 0
     from deepport.core import distributed
@@ -46,7 +46,7 @@ def cmd_conformance(a) -> int:
     for path, flag in ((a.json, "--json"), (a.junit, "--junit"), (a.markdown, "--markdown")):
         cli_checks.check_writable(path, flag)  # now, not after a long run
     backend = registry.select(a.backend) if a.backend in (None, "auto") else registry.get_backend(a.backend)
-    dtypes = ("fp8", "bf16") if a.dtype == "all" else (a.dtype,)
+    dtypes = ("fp8", "bf16", "fp32") if a.dtype == "all" else (a.dtype,)
     if a.tp * a.ep > 1 and not a.model_check:
         raise ConfigError("--tp/--ep shard the end-to-end model check; add --model-check")
     progress = LineProgress()
@@ -75,7 +75,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("conformance", help="check a backend op by op against cpu_ref; exit 0 only when nothing fails")
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
-    p.add_argument("--dtype", default="all", choices=("fp8", "bf16", "all"), help="which cases to run (default all)")
+    p.add_argument("--dtype", default="all", choices=("fp8", "bf16", "fp32", "all"),
+                   help="which cases to run (default all; fp32 has no op cases of its own, the bf16 cases' fp32-input "
+                        "variants cover fp32 inputs: it adds the fp32 model check)")
     p.add_argument("--tier", default="quick", choices=("quick", "full"),
                    help="quick: small shapes (CI, interpreter); full: DeepSeek-V3's real dims")
     p.add_argument("--ops", default=None, help="comma-separated op names (default: every contract)")

@@ -253,6 +253,8 @@ def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress
         fallbacks = sorted(op for op, how in table.report.items() if how == "fallback")
         impl = "fallback" if fallbacks else "native"
         note = f"; ops on the cpu_ref fallback: {', '.join(fallbacks)}" if fallbacks else ""
+        if ref.args.fp8_block is not None and dtype != "fp8":
+            note += f"; FP8 checkpoint served as {dtype} (dequantised once at load)"
         load_s = time.perf_counter() - t0
         for check in CHECKS:
             if progress is not None:

@@ -86,6 +86,9 @@ def print_table(report: Report, file=None) -> None:
     notes = [r for r in report.results if r.reason and r.status != "pass"]
     for r in notes:
         print(f"  {r.status}: {r.case}: {r.reason}", file=file)
+    if report.meta.get("fp8_checkpoints_served_as"):
+        print(f"  FP8 checkpoints are served as {report.meta['fp8_checkpoints_served_as']} on {report.backend} "
+              f"(no fp8 arithmetic; weights dequantised once at load)", file=file)
     unfused = {op: src for op, src in report.meta.get("sources", {}).items() if src.startswith("generic")}
     if unfused:
         print(f"  bound to the backend's generic torch path (no fused kernel): {', '.join(unfused)}", file=file)
@@ -148,8 +151,8 @@ def _cell(rs: list[CaseResult]) -> str:
 
 def matrix_markdown(reports: list[Report]) -> str:
     """Capability matrix: one row per op, one column per backend x dtype; each cell status (impl)."""
-    dtypes = ("fp8", "bf16")
-    cols = [(rep, d) for rep in reports for d in dtypes]
+    dtypes = ("fp8", "bf16", "fp32")
+    cols = [(rep, d) for rep in reports for d in dtypes if d != "fp32" or any(r.dtype == d for r in rep.results)]
     ops = list(dict.fromkeys(r.op for rep in reports for r in rep.results))
     lines = ["# deepport conformance: capability matrix", ""]
     for rep in reports:

@@ -1,8 +1,11 @@
 """What this CPU computes natively: its model name, torch's vector ISA, and whether bf16 arithmetic is native.
 
-The compute-dtype rule: bf16 only where the CPU has bf16 dot products (x86 AVX512-BF16 or AMX, ARM's bf16
-extension); elsewhere bf16 is emulated through fp32 (measured 4x slower than fp32 for a [1,7168]x[7168,2048]
-linear on an AVX2 EPYC), so the backend computes in fp32.
+The compute-dtype rule (measured, docs/performance.md "cpu backend"): `cpu` computes in fp32 by default on
+every CPU. Where bf16 is emulated (AVX2 EPYC) a bf16 [1,7168]x[7168,2048] linear is 4x slower than fp32.
+Where it is native (AVX512-BF16 + AMX Xeon, one thread) bf16 GEMMs with M >= 8 rows are ~3x faster, but
+decode's M = 1 GEMVs are not faster at all (1.0x) and the bf16<->fp32 conversions around norms, rope,
+routing and attention make whole-model decode slower (embedded model: 0.6x). `--dtype bf16` stays available
+(prefill-heavy or batched work on AMX); `deepport backends` shows whether bf16 is native here.
 """
 from __future__ import annotations
 
@@ -58,8 +61,8 @@ def native_bf16() -> bool:
 
 
 def compute_dtype() -> str:
-    """The dtype `cpu` computes in by default: bf16 where native, else fp32."""
-    return "bf16" if native_bf16() else "fp32"
+    """The dtype `cpu` computes in by default: fp32 (see the module docstring for the measurements)."""
+    return "fp32"
 
 
 def describe() -> str:
