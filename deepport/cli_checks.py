@@ -112,8 +112,14 @@ def check_writable(path: str | None, flag: str) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"{flag} {path} is not writable; choose another path")
+    existed = p.exists()
+    try:  # really open it: os.access says yes to root for read-only mounts and /proc
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} is not writable ({e.strerror}); choose another path") from None
+    if not existed:
+        p.unlink(missing_ok=True)
 
 
 def quiet_broken_pipe() -> int:

@@ -82,6 +82,9 @@ def check_hf(cfg) -> None:
     if rope is not None and not isinstance(rope, dict):
         problems.append(f"rope_scaling must be an object or null, got {rope!r}")
     elif rope and (rope.get("type") or rope.get("rope_type")) == "yarn":
+        if rope.get("factor") is None:
+            problems.append("rope_scaling of type yarn needs a factor (the context extension, 40 in DeepSeek-V3); "
+                            "add it, or remove rope_scaling")
         for key, (low, exclusive) in YARN_FLOATS.items():
             if rope.get(key) is not None:
                 problems.append(_real_problem(f"rope_scaling.{key}", rope[key], low, exclusive))
