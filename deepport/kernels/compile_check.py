@@ -8,10 +8,13 @@ Two checks, both run without TRITON_INTERPRET (the kernels must be real JITFunct
   compiled exactly as the host wrapper launches it, for sm_80 (bf16 only: fp8 is refused), sm_89, sm_90,
   sm_100, gfx942 and gfx950; the shared memory / LDS the compiled kernel needs is checked against the
   target's per-block limit, and registers and spills are read from ptxas -v (cuda) or the AMDGCN kernel
-  metadata (hip). A config that does not fit cannot launch on that target.
+  metadata (hip). A config that does not compile or needs more shared memory than a block may have cannot
+  launch on that target (exit code 1); spills are reported (they cost speed, not correctness).
 
-Results print as JSON. tests/test_compile_targets.py runs this in a subprocess; docs/backends/launch_limits.md
-is the table of what fits where.
+Results print as JSON. tests/test_compile_targets.py runs this in a subprocess. docs/backends/launch_limits.md,
+the table of what launches where, is generated (never hand-edited) by
+    python -m deepport.kernels.compile_check --launch --json docs/backends/launch_limits.json \\
+        --markdown docs/backends/launch_limits.md
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def _resource_usage(target, compiled, ptxas_log: str) -> dict:
         asm = compiled.asm.get("amdgcn", "")
         asm = asm.decode(errors="replace") if isinstance(asm, bytes) else asm
         for key, pat in (("vgprs", r"; NumVgprs: (\d+)"), ("agprs", r"; NumAgprs: (\d+)"),
-                         ("sgprs", r"; NumSgprs: (\d+)"), ("scratch", r"; ScratchSize: (\d+)"),
+                         ("sgprs", r"; TotalNumSgprs: (\d+)"), ("scratch", r"; ScratchSize: (\d+)"),
                          ("vgpr_spills", r"\.vgpr_spill_count:\s*(\d+)"), ("sgpr_spills", r"\.sgpr_spill_count:\s*(\d+)"),
                          ("occupancy", r"; Occupancy: (\d+)")):
             m = re.search(pat, asm)
@@ -70,8 +73,10 @@ def _resource_usage(target, compiled, ptxas_log: str) -> dict:
 
 
 def spilled(usage: dict) -> int:
-    """Bytes (cuda) or registers (hip) spilled to local memory / scratch; 0 when nothing spills."""
-    return sum(usage.get(k, 0) for k in ("spill_stores", "vgpr_spills", "sgpr_spills"))
+    """What spilled to memory: bytes of spill stores (cuda, ptxas -v) or VGPRs spilled to scratch (hip); 0 if none.
+
+    SGPR spills on AMD go to VGPR lanes, not to memory; they are reported (usage["sgpr_spills"]) but not counted."""
+    return usage.get("spill_stores", 0) + usage.get("vgpr_spills", 0)
 
 
 def compile_spec(spec, target) -> dict:
@@ -199,44 +204,49 @@ def _cache_key(spec, target_name) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
+def verdict(r: dict, target_name: str) -> dict:
+    """Whether a compiled config can launch on the target (compiled, shared memory / LDS within the per-block
+    limit) and what it spills; a spill slows a kernel down but does not stop it launching."""
+    r = {k: v for k, v in r.items() if k not in ("expect", "forbid", "launches", "problems", "spill", "shared_limit")}
+    if not r["ok"]:
+        return {**r, "launches": False, "problems": [r["error"]], "spill": 0}
+    limit, u = SHARED_LIMIT[target_name], r["usage"]
+    problems = []
+    if u["shared"] > limit:
+        problems.append(f"needs {u['shared']} bytes of shared memory, the per-block limit is {limit}")
+    return {**r, "shared_limit": limit, "launches": not problems, "problems": problems, "spill": spilled(u)}
+
+
 def check_launch(spec, target_name, cache_dir: Path | None = None) -> dict:
-    """Compile one config's spec; fits = shared memory within the target's limit and no spill."""
+    """Compile one config's spec and judge it (verdict); `cache_dir` keeps compile results between runs."""
     path = cache_dir / f"{_cache_key(spec, target_name)}.json" if cache_dir else None
     if path and path.exists():
-        return {**json.loads(path.read_text()), "cached": True}
+        return {**verdict(json.loads(path.read_text()), target_name), "cached": True}
     r = compile_spec(spec, _target(target_name))
-    r.pop("expect", None), r.pop("forbid", None)
-    if r["ok"]:
-        limit = SHARED_LIMIT[target_name]
-        u = r["usage"]
-        r["shared_limit"] = limit
-        problems = []
-        if u["shared"] > limit:
-            problems.append(f"needs {u['shared']} bytes of shared memory, the per-block limit is {limit}")
-        if spilled(u):
-            problems.append(f"spills registers ({spilled(u)})")
-        r["fits"], r["problems"] = not problems, problems
-    else:
-        r["fits"], r["problems"] = False, [r["error"]]
     if path and r["ok"]:  # a toolchain failure is not cached: it may be fixed by installing the tool
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(r))
-    return r
+        path.write_text(json.dumps({k: v for k, v in r.items() if k not in ("expect", "forbid")}))
+    return verdict(r, target_name)
 
 
 def run_launch(target_names, ops=None, configs=None, cache_dir: Path | None = None) -> dict:
-    """The launch check: results keyed "target/op/config index/spec name"."""
+    """The launch check: results keyed "target/op/config index/spec name" ("target/op/index" when refused)."""
     results = {}
     for name in target_names:
         for op, i, config, spec, refusal in launch_specs(name):
             if (ops and op not in ops) or (configs is not None and i not in configs):
                 continue
             if spec is None:
-                results[f"{name}/{op}/{i}"] = {"ok": True, "refused": refusal, "config": config}
+                results[f"{name}/{op}/{i}"] = {"ok": True, "launches": None, "refused": refusal, "config": config}
                 continue
             r = check_launch(spec, name, cache_dir)
             results[f"{name}/{op}/{i}/{spec.name}"] = {**r, "config": config}
     return results
+
+
+def launch_good(results: dict) -> bool:
+    """Every checked config launches (a refusal by the dtype policy, e.g. fp8 on sm_80, is not a failure)."""
+    return all(r.get("refused") or r.get("launches") for r in results.values())
 
 
 def main(argv=None) -> int:
@@ -249,15 +259,28 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", type=int, help="config indices (--launch; default: all)")
     ap.add_argument("--cache", default=None, metavar="DIR",
                     help="--launch: reuse results of identical compiles (kernel source, config, target, triton)")
+    ap.add_argument("--json", default=None, metavar="FILE", help="--launch: also write the results to FILE "
+                    "(docs/backends/launch_limits.json)")
+    ap.add_argument("--markdown", default=None, metavar="FILE", help="--launch: write the table of what launches "
+                    "where (docs/backends/launch_limits.md)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         print("compile_check needs real JITFunctions: run it with TRITON_INTERPRET unset", file=sys.stderr)
         return 2
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v's report (registers, spills) comes back on stdout
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a Triton cache hit would skip ptxas and lose that report
     if args.launch:
         results = run_launch(args.target or sorted(TARGETS), args.op, args.config,
                              Path(args.cache) if args.cache else None)
-        good = all(r["ok"] and r.get("fits", True) for r in results.values())
+        good = launch_good(results)
+        if args.json or args.markdown:
+            from deepport.kernels import launch_table
+
+            doc = launch_table.document(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+            if args.markdown:
+                Path(args.markdown).write_text(launch_table.markdown(doc))
     else:
         results = run(args.target or SPEC_TARGETS, args.module)
         good = all(r["ok"] and all(r.get("expect", {}).values()) and not any(r.get("forbid", {}).values())
