@@ -109,6 +109,28 @@ def fp8_activation(g: torch.Generator, m: int, k: int, fmt: Fp8Format, std: floa
     return act_quant(randn(g, m, k, std=std), fmt)
 
 
+def tie_rows(g: torch.Generator, rows: int, k: int, fmt: Fp8Format, dtype=torch.bfloat16, every: int = 1) -> torch.Tensor:
+    """Rows [rows, k] whose 1x128 blocks sit on fp8 rounding ties: each block's amax a (a bf16 value in [1, 8), so
+    s = a / act_max is inexact and so is 1/s) and elements bf16(m * s) for random fp8 midpoints m, random signs.
+    Many x / s are then exact midpoints: dividing and multiplying by 1/s round them to codes one ulp apart.
+    every: only every `every`-th element is put on a midpoint; the others are N(0, 1/3) x a, clamped under a."""
+    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fmt.dtype).float()  # every bit pattern
+    vals = vals[torch.isfinite(vals) & (vals > 0) & (vals <= fmt.act_max)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    nb = k // 128
+    amax = (torch.rand(rows, nb, 1, generator=g) * 7 + 1).to(dtype).float()
+    s = amax / fmt.act_max
+    m = mids[torch.randint(0, mids.numel(), (rows, nb, 128), generator=g)]
+    sign = torch.randint(0, 2, (rows, nb, 128), generator=g).float() * 2 - 1
+    x = (m * s * sign).to(dtype).float()
+    if every > 1:
+        free = torch.arange(128) % every != 0
+        rest = (torch.randn(rows, nb, 128, generator=g) / 3 * amax).clamp(-0.99 * amax, 0.99 * amax)
+        x = torch.where(free, rest.to(dtype).float(), x)
+    x[..., 0] = amax[..., 0]
+    return x.flatten(1).to(dtype)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the initialised torch.distributed group, (0, 1) outside one."""
     import torch.distributed as dist

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepport.conformance.tolerances import SAMPLE_TV, TIE_EPS, Tol
+from deepport.conformance.tolerances import SAMPLE_ALPHA, SAMPLE_MIN_EXPECTED, SAMPLE_TV, TIE_EPS, Tol
 
 
 @dataclass
@@ -140,7 +140,26 @@ def _nucleus(outs, expected, tol) -> Outcome:
     return Outcome(True, None, None)
 
 
+def chi_square(tok: torch.Tensor, p: torch.Tensor) -> tuple[float, int, float]:
+    """Pearson's goodness-of-fit of the draws `tok` against the distribution `p` (fp64): (statistic, degrees of
+    freedom, p-value). Cells expecting fewer than SAMPLE_MIN_EXPECTED draws are pooled into one."""
+    n = tok.numel()
+    observed = torch.bincount(tok, minlength=p.numel()).double()
+    want = p.double() * n
+    big = want >= SAMPLE_MIN_EXPECTED
+    obs, exp = observed[big], want[big]
+    small = (~big) & (p > 0)
+    if small.any():
+        obs = torch.cat([obs, observed[small].sum().view(1)])
+        exp = torch.cat([exp, want[small].sum().view(1)])
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = max(int(exp.numel()) - 1, 1)
+    pval = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, df, pval
+
+
 def _distribution(outs, expected, tol) -> Outcome:
+    """Every draw in the nucleus, and the draws fit the nucleus distribution: chi-square p-value >= SAMPLE_ALPHA."""
     bad = _nucleus(outs, expected, tol)
     if not bad.ok:
         return bad
@@ -148,11 +167,37 @@ def _distribution(outs, expected, tol) -> Outcome:
     p = expected.extra["probs"][0]
     freq = torch.bincount(tok, minlength=p.numel()).double() / tok.numel()
     tv = 0.5 * float((freq - p).abs().sum())
+    stat, df, pval = chi_square(tok, p)
+    said = f"chi-square {stat:.1f} on {df} df (p = {pval:.2g}), total variation {tv:.3f}"
+    if pval < SAMPLE_ALPHA:
+        worst = int(((freq - p).abs() / p.clamp(min=1e-12).sqrt()).argmax())
+        return Outcome(False, tv, None, f"drawn frequencies do not fit the nucleus distribution: {said}, below "
+                       f"p = {SAMPLE_ALPHA:g}; token {worst} drawn {float(freq[worst]):.4f} of the time, expected "
+                       f"{float(p[worst]):.4f} (is temperature ignored, or the nucleus cut at the wrong token?)")
     if tv > SAMPLE_TV:
         return Outcome(False, tv, None, f"drawn frequencies are {tv:.3f} (total variation) from the nucleus "
                        f"distribution, more than {SAMPLE_TV}; is temperature or top_p ignored?")
-    return Outcome(True, tv, None, f"total variation {tv:.3f}")
+    return Outcome(True, tv, None, said)
+
+
+def _seeded(outs, expected, tol) -> Outcome:
+    """Three draws: the case's generator, a fresh one with its seed, one with another seed. The first two must be
+    equal, the third must differ, all inside the nucleus: the op draws from the generator it is given."""
+    for i, draw in enumerate(outs):
+        bad = _nucleus((draw,), expected, tol)
+        if not bad.ok:
+            return Outcome(False, None, None, f"draw {i + 1}: {bad.detail}")
+    first, again, other = outs
+    if not torch.equal(first, again):
+        n = int((first != again).sum())
+        return Outcome(False, float(n), None, f"{n} of {first.numel()} rows drew other tokens from a fresh generator "
+                       f"with the same seed; sample must draw from the `generator` argument only (not the global RNG)")
+    if torch.equal(first, other):
+        return Outcome(False, 0.0, None, f"a generator with another seed drew the same {first.numel()} tokens; sample "
+                       f"must draw from the `generator` argument (not a fixed seed of its own)")
+    return Outcome(True, 0.0, None, f"same seed: same draws; another seed: {int((first != other).sum())} of "
+                   f"{first.numel()} rows differ")
 
 
 _KINDS = {"allclose": _allclose, "quant": _quant, "routing": _routing, "exact": _exact, "nucleus": _nucleus,
-          "distribution": _distribution}
+          "distribution": _distribution, "seeded": _seeded}

@@ -19,6 +19,7 @@ SAMPLE_TV = 0.05  # sampling: total-variation bound between drawn frequencies an
 # sampling: the chi-square goodness-of-fit test of drawn frequencies against the nucleus distribution fails below
 # this p-value, so a correct sampler fails a distribution case once in a million seeds (power: docs/conformance.md)
 SAMPLE_ALPHA = 1e-6
+SAMPLE_MIN_EXPECTED = 5.0  # chi-square cells expecting fewer draws are pooled (the test's usual validity rule)
 
 
 @dataclass(frozen=True)
