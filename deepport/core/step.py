@@ -50,13 +50,13 @@ class DecodeStep:
     """A model's decode step for generate(): bucketed batches, reused caches, optionally compiled and captured."""
 
     def __init__(self, model, compile: bool = False, graphs: bool = False, fullgraph: bool = True,
-                 max_bucket: int = 256):
+                 max_bucket: int = 256, compile_backend: str = "inductor"):
         device = model.embed.weight.device
         if graphs and device.type != "cuda":
             raise DeepportError(f"--graphs captures CUDA/HIP graphs, but the model runs on {device.type}; "
                                 f"drop --graphs (--compile works on every backend)")
         self.model, self.compile, self.graphs, self.fullgraph = model, compile, graphs, fullgraph
-        self.max_bucket = max_bucket
+        self.max_bucket, self.compile_backend = max_bucket, compile_backend  # e.g. "aot_eager" in quick tests
         self.report: list[str] = []  # what happened: graph breaks, capture failures (also printed once each)
         self.compile_s = 0.0  # seconds spent in first calls of new shapes (tracing and code generation)
         self._fn = model.decode_step
@@ -110,7 +110,7 @@ class DecodeStep:
         cfg = torch._dynamo.config  # one graph per (bucket, S, cache): more than torch's default of 8
         cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
         if self.fullgraph:
-            fn = torch.compile(self.model.decode_step, fullgraph=True, dynamic=False)
+            fn = torch.compile(self.model.decode_step, fullgraph=True, dynamic=False, backend=self.compile_backend)
             try:
                 out = fn(input_ids, cache)  # traces and generates code now: a break surfaces here
                 self._compiled = fn
@@ -119,7 +119,7 @@ class DecodeStep:
                 pass  # reported below, then compiled with the breaks
         for line in graph_breaks(self.model.decode_step, input_ids, cache) or ["graph break (reason not reported)"]:
             self._warn(line)
-        self._compiled = torch.compile(self.model.decode_step, dynamic=False)
+        self._compiled = torch.compile(self.model.decode_step, dynamic=False, backend=self.compile_backend)
         return self._compiled(input_ids, cache)
 
     def _eager_or_compiled(self, input_ids, cache):
