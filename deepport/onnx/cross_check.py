@@ -34,7 +34,8 @@ def _call(case, inputs: dict):
     if op == "act_quant":
         fmt = a["fmt"]
         return "act_quant", {"x": a["x"]}, {"act_max": float(fmt.act_max), "block": int(a.get("block", 128)),
-                                             "fp8_type": F.FP8_TYPES[fmt.name]}
+                                             "fp8_type": F.FP8_TYPES[fmt.name],
+                                             "ue8m0": int(a.get("scale_fmt", "fp32") == "ue8m0")}
     if op == "weight_dequant":
         return "weight_dequant", {"w": a["w"], "scale_inv": a["scale_inv"]}, \
             {"block": int(a.get("block", 128)), "to": TORCH_TO_ONNX[a.get("out_dtype", torch.bfloat16)]}
@@ -55,7 +56,7 @@ def _call(case, inputs: dict):
     if op == "moe_gate":
         return "moe_gate", {k: a[k] for k in ("x", "weight", "bias")}, \
             {"n_groups": int(a["n_groups"]), "topk_groups": int(a["topk_groups"]), "topk": int(a["topk"]),
-             "route_scale": float(a["route_scale"])}
+             "route_scale": float(a["route_scale"]), "norm_topk_prob": int(bool(a.get("norm_topk_prob", True)))}
     if op == "moe_experts":
         base = {k: a[k] for k in ("x", "topk_weights", "topk_ids")}
         if isinstance(a["w1"], Fp8Weight):
@@ -81,7 +82,8 @@ def _call(case, inputs: dict):
 
 
 def _fp8_attrs(w: Fp8Weight) -> dict:
-    return {"act_max": float(w.fmt.act_max), "fp8_type": F.FP8_TYPES[w.fmt.name]}
+    return {"act_max": float(w.fmt.act_max), "fp8_type": F.FP8_TYPES[w.fmt.name],
+            "ue8m0": int(w.scale_fmt == "ue8m0")}
 
 
 def single_node_model(function: str, feeds: dict, attrs: dict, out_dtypes, out_shapes,

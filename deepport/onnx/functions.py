@@ -35,8 +35,10 @@ class Body:
     """Builds a FunctionProto node by node: `b("Add", x, y)` returns the output name(s)."""
 
     def __init__(self, name: str, inputs: list[str], outputs: list[str], attributes: tuple[str, ...] = (),
-                 doc: str = ""):
+                 doc: str = "", defaults: dict | None = None):
+        """defaults: attributes a node may leave out, with their values (ue8m0 0, norm_topk_prob 1)."""
         self.name, self.inputs, self.outputs, self.attributes, self.doc = name, inputs, outputs, attributes, doc
+        self.defaults = defaults or {}
         self.nodes: list[onnx.NodeProto] = []
         self._n = 0
 
@@ -80,8 +82,9 @@ class Body:
 
     def proto(self) -> FunctionProto:
         return oh.make_function(DOMAIN, self.name, self.inputs, self.outputs, self.nodes,
-                                [oh.make_opsetid("", OPSET)],
-                                attributes=list(self.attributes), doc_string=self.doc)
+                                [oh.make_opsetid("", OPSET)], attributes=list(self.attributes),
+                                attribute_protos=[oh.make_attribute(k, v) for k, v in self.defaults.items()],
+                                doc_string=self.doc)
 
 
 def _rms(b: Body, xf: str, weight: str) -> str:
@@ -117,15 +120,30 @@ def rope() -> FunctionProto:
     return b.proto()
 
 
+UE8M0 = {"ue8m0": 0}  # attribute default: fp32 activation scales unless the node says ue8m0=1
+
+
+def _pow2_up(b: Body, s: str) -> str:
+    """2^ceil(log2 s) exactly, for positive normal fp32 s: Pow(2, Ceil(Log(s) / ln 2)) is a power of two at
+    most one step off (Log rounds), so one halving and one doubling test settle it."""
+    c = b("Pow", b.const(2.0), b("Ceil", b("Div", b("Log", s), b.const(np.log(2.0)))))
+    half = b("Mul", c, b.const(0.5))
+    c = b("Where", b("GreaterOrEqual", half, s), half, c)
+    return b("Where", b("Less", c, s), b("Mul", c, b.const(2.0)), c)
+
+
 def _act_quant(b: Body, x: str, block: int | None = None, outs=(None, None)):
-    """codes, s = fp8(x / s) with s = max(amax, 1e-4) / act_max per row and `block` channels (QuantizeLinear).
+    """codes, s = fp8(x / s) with s = max(amax, 1e-4) / act_max per row and `block` channels (QuantizeLinear);
+    with the function's attribute ue8m0=1, s is rounded up to a power of two first (DeepSeek-V3.1).
     block None: the function's `block` attribute."""
     xf = b.f32(x)
     lead = b("Shape", x, end=-1)
     size = b.attr_int("block", shape1=True) if block is None else b.ints(block)
     blocked = b("Reshape", xf, b("Concat", lead, b.ints(-1), size, axis=0))
     amax = b("ReduceMax", b("Abs", blocked), b.ints(-1), keepdims=0)
-    s = b("Div", b("Max", amax, b.const(1e-4)), b.attr_float("act_max"), outs=[outs[1]] if outs[1] else 1)
+    s = b("Div", b("Max", amax, b.const(1e-4)), b.attr_float("act_max"))
+    ue8m0 = b("Cast", b.attr_int("ue8m0"), to=BOOL)
+    s = b("Where", ue8m0, _pow2_up(b, s), s, outs=[outs[1]] if outs[1] else 1)
     zero = b("Cast", b("Mul", s, b.const(0.0)), to=Ref("fp8_type", AttributeProto.INT))  # picks the fp8 type
     codes = b("QuantizeLinear", xf, s, zero, axis=-1, outs=[outs[0]] if outs[0] else 1,
               block_size=Ref("block", AttributeProto.INT) if block is None else block)
@@ -133,9 +151,9 @@ def _act_quant(b: Body, x: str, block: int | None = None, outs=(None, None)):
 
 
 def act_quant() -> FunctionProto:
-    b = Body("act_quant", ["x"], ["codes", "s"], ("act_max", "block", "fp8_type"),
-             "per-token, per-block fp8 quantisation: s = max(amax, 1e-4) / act_max; codes = fp8(x / s) "
-             "(blocked QuantizeLinear, 1 x block)")
+    b = Body("act_quant", ["x"], ["codes", "s"], ("act_max", "block", "fp8_type", "ue8m0"),
+             "per-token, per-block fp8 quantisation: s = max(amax, 1e-4) / act_max (ue8m0=1: rounded up to "
+             "2^ceil(log2 s)); codes = fp8(x / s) (blocked QuantizeLinear, 1 x block)", UE8M0)
     _act_quant(b, "x", outs=("codes", "s"))
     return b.proto()
 
@@ -165,12 +183,31 @@ def weight_dequant() -> FunctionProto:
     return b.proto()
 
 
+def _block_dots(b: Body, a_codes: str, w_codes: str, equation: str, a_shape, w_shape) -> str:
+    """Per-128-block dot products of fp8 codes cast to fp32 (exact products, as cpu_ref's fp8_gemm)."""
+    a = b("Reshape", b.f32(a_codes), b.ints(*a_shape))
+    w = b("Reshape", b.f32(w_codes), b.ints(*w_shape))
+    return b("Einsum", a, w, equation=equation)
+
+
+def _scaled_sum(b: Body, partial: str, a_scale: str, w_scale_rows: str) -> str:
+    """sum over K blocks of partial * a_scale * b_scale, multiplied in that order (cpu_ref's fp8_gemm)."""
+    return b("ReduceSum", b("Mul", b("Mul", partial, a_scale), w_scale_rows), b.ints(-1), keepdims=0)
+
+
+def _gemm_fp8(b: Body, a_codes: str, a_scale: str, w: str, w_scale: str) -> str:
+    """fp32 C [M, N] = A [M, K] (1x128 scales [M, K/128]) @ W [N, K]^T (128x128 scales), cpu_ref's order."""
+    partial = _block_dots(b, a_codes, w, "mbk,nbk->mnb", (0, -1, 128), (0, -1, 128))  # [M, N, KB]
+    rows = _expand_rows(b, w_scale, b("Shape", w, start=0, end=1), b.ints(128))  # [N, KB]
+    return _scaled_sum(b, partial, b("Unsqueeze", a_scale, b.ints(1)), b("Unsqueeze", rows, b.ints(0)))
+
+
 def fp8_gemm() -> FunctionProto:
     b = Body("fp8_gemm", ["a", "a_scale", "b", "b_scale"], ["c"], ("to",),
-             "C = dequant(A, 1x128) @ dequant(B, 128x128)^T, fp32 accumulation, rounded once to `to`")
-    a = b("DequantizeLinear", "a", "a_scale", axis=1, block_size=128)
-    w = _dequant(b, "b", "b_scale", 1, 128)
-    b("Cast", b("MatMul", a, b("Transpose", w, perm=[1, 0])), to=Ref("to", AttributeProto.INT), outs=["c"])
+             "C = dequant(A, 1x128) @ dequant(B, 128x128)^T: exact per-block code products, times both scales, "
+             "summed over K blocks in fp32, rounded once to `to`")
+    b("Cast", _gemm_fp8(b, "a", b.f32("a_scale"), "b", b.f32("b_scale")), to=Ref("to", AttributeProto.INT),
+      outs=["c"])
     return b.proto()
 
 
@@ -182,12 +219,12 @@ def linear() -> FunctionProto:
 
 
 def linear_fp8() -> FunctionProto:
-    b = Body("linear_fp8", ["x", "w", "scale_inv"], ["y"], ("act_max", "fp8_type"),
-             "W8A8: act_quant(x) then fp8_gemm with the 128x128 block-scaled weight, out in x's dtype")
+    b = Body("linear_fp8", ["x", "w", "scale_inv"], ["y"], ("act_max", "fp8_type", "ue8m0"),
+             "W8A8: act_quant(x) (ue8m0=1: power-of-two scales) then fp8_gemm with the 128x128 block-scaled "
+             "weight, out in x's dtype", UE8M0)
     rows = b("Reshape", "x", b("Concat", b.ints(-1), b.dim("x", -1), axis=0))
     codes, s = _act_quant(b, rows, 128)
-    a = b("DequantizeLinear", codes, s, axis=1, block_size=128)
-    y = b("MatMul", a, b("Transpose", _dequant(b, "w", "scale_inv", 1, 128), perm=[1, 0]))
+    y = _gemm_fp8(b, codes, s, "w", b.f32("scale_inv"))
     y = b("Reshape", y, b("Concat", b("Shape", "x", end=-1), b.dim("w", 0), axis=0))
     b("CastLike", y, "x", outs=["y"])
     return b.proto()
@@ -246,8 +283,9 @@ def mla_decode() -> FunctionProto:
 
 def moe_gate() -> FunctionProto:
     b = Body("moe_gate", ["x", "weight", "bias"], ["weights", "ids"],
-             ("n_groups", "topk_groups", "topk", "route_scale"),
-             "noaux_tc router: sigmoid scores, bias for selection only, group top-2 sums, renormalised weights")
+             ("n_groups", "topk_groups", "topk", "route_scale", "norm_topk_prob"),
+             "noaux_tc router: sigmoid scores, bias for selection only, group top-2 sums; weights renormalised "
+             "over the top-k unless norm_topk_prob=0, then times route_scale", {"norm_topk_prob": 1})
     scores = b("Sigmoid", b("MatMul", b.f32("x"), b("Transpose", b.f32("weight"), perm=[1, 0])))  # [M, E]
     biased = b("Add", scores, b.f32("bias"))
     grouped = b("Reshape", biased, b("Concat", b.dim("x", 0), b.attr_int("n_groups", shape1=True), b.ints(-1),
@@ -262,14 +300,18 @@ def moe_gate() -> FunctionProto:
     ids = b("TopK", masked, b.attr_int("topk", shape1=True), axis=-1, outs=2)[1]
     b("Identity", ids, outs=["ids"])
     w = b("GatherElements", scores, ids, axis=1)
-    w = b("Div", w, b("ReduceSum", w, b.ints(-1), keepdims=1))
+    normed = b("Div", w, b("ReduceSum", w, b.ints(-1), keepdims=1))
+    w = b("Where", b("Cast", b.attr_int("norm_topk_prob"), to=BOOL), normed, w)
     b("Mul", w, b.attr_float("route_scale"), outs=["weights"])
     return b.proto()
 
 
 def _silu_mul(b: Body, g: str, u: str) -> str:
+    """silu(g) * u in fp32, silu as g / (1 + exp(-g)), torch's formula: onnxruntime's Sigmoid differs from
+    torch's silu in the last ulp on most inputs, this form on few (moe_experts_fp8 re-quantises the result,
+    where a last-ulp difference at a rounding boundary moves an fp8 code)."""
     g = b.f32(g)
-    return b("Mul", b("Mul", g, b("Sigmoid", g)), b.f32(u))
+    return b("Mul", b("Div", g, b("Add", b.const(1.0), b("Exp", b("Neg", g)))), b.f32(u))
 
 
 def silu_mul() -> FunctionProto:
@@ -315,16 +357,19 @@ def moe_experts() -> FunctionProto:
 
 def moe_experts_fp8() -> FunctionProto:
     b = Body("moe_experts_fp8", ["x", "topk_weights", "topk_ids", "w1", "w1_scale_inv", "w2", "w2_scale_inv",
-                                 "w3", "w3_scale_inv"], ["y"], ("act_max", "fp8_type"),
-             "routed SwiGLU experts with W8A8 fp8 linears (act_quant 1x128, weights 128x128)")
+                                 "w3", "w3_scale_inv"], ["y"], ("act_max", "fp8_type", "ue8m0"),
+             "routed SwiGLU experts with W8A8 fp8 linears (act_quant 1x128, ue8m0=1: power-of-two scales; "
+             "weights 128x128)", UE8M0)
     xs, ids, w = _pairs(b)
 
-    def expert(rows, name):
-        codes, s = _act_quant(b, rows, 128)
-        a = b("DequantizeLinear", codes, s, axis=1, block_size=128)  # [P, K]
-        # Standard Gather has no fp8 types: dequantise the stacked experts [E, N, K], then gather per pair.
-        wd = b("Gather", _dequant(b, name, name + "_scale_inv", 2, 128), ids, axis=0)  # [P, N, K]
-        return b("Einsum", a, wd, equation="pk,pnk->pn")
+    def expert(rows, name):  # cpu_ref's per-pair fp8 linear: exact block dots, then the two scales
+        codes, s = _act_quant(b, rows, 128)  # [P, K], [P, K/128]
+        # Standard Gather has no fp8 types: cast the stacked codes [E, N, K] to fp32 (exact), then gather.
+        wq = b("Gather", b.f32(name), ids, axis=0)  # [P, N, K]
+        partial = _block_dots(b, codes, wq, "pbk,pnbk->pnb", (0, -1, 128), (0, 0, -1, 128))  # [P, N, KB]
+        scale = b("Gather", b.f32(name + "_scale_inv"), ids, axis=0)  # [P, GN, GK]
+        rows_scale = _expand_rows(b, scale, b("Shape", name, start=1, end=2), b.ints(128))  # [P, N, KB]
+        return _scaled_sum(b, partial, b("Unsqueeze", s, b.ints(1)), rows_scale)
 
     _experts_sum(b, expert, xs, w)
     return b.proto()

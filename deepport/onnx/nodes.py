@@ -8,7 +8,7 @@ import torch
 
 from deepport.backends.cpu_ref import ops as ref
 from deepport.core.errors import DeepportError
-from deepport.core.formats import FORMATS, Fp8Format, Fp8Weight
+from deepport.core.formats import FORMATS, Fp8Format, Fp8Weight, check_scale_fmt
 from deepport.onnx.functions import DOMAIN, FP8_TYPES
 from deepport.onnx.runtime import TORCH_TO_ONNX
 
@@ -43,36 +43,41 @@ def _node(function: str, impl, attrs: tuple[str, ...], outputs: int = 1):
 RmsNorm = _node("rms_norm", lambda x, w, eps: ref.rms_norm(x, w, eps), ("eps",))
 RmsNormResidual = _node("rms_norm_residual", lambda x, r, w, eps: ref.rms_norm(x, w, eps, r), ("eps",), 2)
 Rope = _node("rope", ref.rope, ())
-ActQuant = _node("act_quant", lambda x, act_max, block, fp8_type: ref.act_quant(x, _FORMAT_OF[fp8_type], block),
-                 ("act_max", "block", "fp8_type"), 2)
+ActQuant = _node("act_quant", lambda x, act_max, block, fp8_type, ue8m0: ref.act_quant(
+    x, _FORMAT_OF[fp8_type], block, _SCALE_FMT[ue8m0]), ("act_max", "block", "fp8_type", "ue8m0"), 2)
 WeightDequant = _node("weight_dequant", lambda w, s, block, to: ref.weight_dequant(w, s, block, _TORCH_OF[to]),
                       ("block", "to"))
 Fp8Gemm = _node("fp8_gemm", lambda a, sa, b, sb, to: ref.fp8_gemm(a, sa, b, sb, _TORCH_OF[to]), ("to",))
 Linear = _node("linear", ref.linear, ())
-LinearFp8 = _node("linear_fp8", lambda x, w, s, act_max, fp8_type: ref.linear(x, Fp8Weight(w, s)),
-                  ("act_max", "fp8_type"))
+LinearFp8 = _node("linear_fp8", lambda x, w, s, act_max, fp8_type, ue8m0: ref.linear(
+    x, Fp8Weight(w, s, scale_fmt=_SCALE_FMT[ue8m0])), ("act_max", "fp8_type", "ue8m0"))
 MlaPrefill = _node("mla_prefill", lambda q, k, v, causal, scale: ref.mla_prefill(q, k, v, bool(causal), scale),
                    ("causal", "scale"))
 MlaDecode = _node("mla_decode", ref.mla_decode, ("scale",))
-MoeGate = _node("moe_gate", ref.moe_gate, ("n_groups", "topk_groups", "topk", "route_scale"), 2)
+MoeGate = _node("moe_gate", lambda x, w, bias, groups, topk_groups, topk, route_scale, norm: ref.moe_gate(
+    x, w, bias, groups, topk_groups, topk, route_scale, bool(norm)),
+    ("n_groups", "topk_groups", "topk", "route_scale", "norm_topk_prob"), 2)
 MoeExperts = _node("moe_experts", ref.moe_experts, ())
 MoeExpertsFp8 = _node(
     "moe_experts_fp8",
-    lambda x, tw, ids, w1, s1, w2, s2, w3, s3, act_max, fp8_type: ref.moe_experts(
-        x, tw, ids, Fp8Weight(w1, s1), Fp8Weight(w2, s2), Fp8Weight(w3, s3)),
-    ("act_max", "fp8_type"))
+    lambda x, tw, ids, w1, s1, w2, s2, w3, s3, act_max, fp8_type, ue8m0: ref.moe_experts(
+        x, tw, ids, *(Fp8Weight(w, s, scale_fmt=_SCALE_FMT[ue8m0]) for w, s in ((w1, s1), (w2, s2), (w3, s3)))),
+    ("act_max", "fp8_type", "ue8m0"))
 SiluMul = _node("silu_mul", ref.silu_mul, ())
 SampleGreedy = _node("sample_greedy", lambda logits: ref.sample(logits, 0.0, 1.0, None), ())
 
 _TORCH_OF = {v: k for k, v in TORCH_TO_ONNX.items()}
 _FORMAT_OF: dict[int, Fp8Format] = {FP8_TYPES[f.name]: f for f in FORMATS.values()}
+_SCALE_FMT = {0: "fp32", 1: "ue8m0"}  # the functions' ue8m0 attribute
 
 
-def _fp8_attrs(w: Fp8Weight) -> tuple[float, int]:
-    if w.scale_fmt != "fp32":
-        raise DeepportError(f"the ONNX export has fp32 activation scales only; scale_fmt {w.scale_fmt!r} "
-                            f"(DeepSeek-V3.1) is not exported yet: export with --dtype bf16")
-    return float(w.fmt.act_max), FP8_TYPES[w.fmt.name]
+def _ue8m0(scale_fmt: str) -> int:
+    check_scale_fmt(scale_fmt, "onnx export")
+    return int(scale_fmt == "ue8m0")
+
+
+def _fp8_attrs(w: Fp8Weight) -> tuple[float, int, int]:
+    return float(w.fmt.act_max), FP8_TYPES[w.fmt.name], _ue8m0(w.scale_fmt)
 
 
 def rms_norm(x, weight, eps, residual=None):
@@ -88,9 +93,7 @@ def linear(x, w):
 
 
 def act_quant(x, fmt: Fp8Format, block=128, scale_fmt="fp32"):
-    if scale_fmt != "fp32":
-        raise DeepportError(f"the ONNX export has fp32 activation scales only, not scale_fmt {scale_fmt!r}")
-    return ActQuant.apply(x, float(fmt.act_max), int(block), FP8_TYPES[fmt.name])
+    return ActQuant.apply(x, float(fmt.act_max), int(block), FP8_TYPES[fmt.name], _ue8m0(scale_fmt))
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
@@ -101,10 +104,8 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
 
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
-    if not norm_topk_prob:
-        raise DeepportError("the ONNX export's moe_gate renormalises the top-k weights; norm_topk_prob=false "
-                            "is not exported yet")
-    return MoeGate.apply(x, weight, bias, int(n_groups), int(topk_groups), int(topk), float(route_scale))
+    return MoeGate.apply(x, weight, bias, int(n_groups), int(topk_groups), int(topk), float(route_scale),
+                         int(bool(norm_topk_prob)))
 
 
 def sample(logits, temperature, top_p, generator):
