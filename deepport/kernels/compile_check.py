@@ -278,7 +278,7 @@ def main(argv=None) -> int:
 
             doc = launch_table.document(results)
             if args.json:
-                Path(args.json).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
             if args.markdown:
                 Path(args.markdown).write_text(launch_table.markdown(doc))
     else:
