@@ -8,6 +8,9 @@ contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU has nativ
 """
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -38,15 +41,30 @@ def rms_norm(x, weight, eps, residual=None):
     return y if residual is None else (y, r)
 
 
+_ROT = [None, None, None]  # (cos, sin, complex rotation): every layer's two rope calls share one pair
+
+
+def _rotation(cos, sin):
+    """cos + i sin as [B, S, 1, R/2] complex64, made once per (cos, sin) pair (a forward passes the same pair
+    to all 2 x n_layers calls); the pair is held so its ids stay unique while cached."""
+    c, sn, rot = _ROT
+    if c is cos and sn is sin and not torch.compiler.is_compiling():
+        return rot
+    rot = torch.complex(cos.float(), sin.float()).unsqueeze(-2)
+    if not torch.compiler.is_compiling() and not cos.requires_grad:
+        _ROT[:] = cos, sin, rot
+    return rot
+
+
 def rope(x, cos, sin):
     r = x.shape[-1]
     if r % 2 or cos.shape[-1] != r // 2 or sin.shape != cos.shape:
         raise ContractError(f"rope: x rope dim {r} must be even and cos/sin last dim {r // 2}; "
                             f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     # interleaved pairs are complex numbers: one complex product per pair
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], r // 2, 2))  # [B, S, H, R/2]
-    rot = torch.complex(cos.float(), sin.float()).unsqueeze(-2)  # [B, S, 1, R/2]
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    xc = torch.view_as_complex((x if x.dtype == F32 else x.float()).reshape(*x.shape[:-1], r // 2, 2))
+    out = torch.view_as_real(xc * _rotation(cos, sin)).flatten(-2)
+    return out if x.dtype == F32 else out.to(x.dtype)
 
 
 def act_quant(x, fmt, block=128, scale_fmt="fp32"):
@@ -98,10 +116,71 @@ def _fp8_linear(x, w: Fp8Weight):
     return y.reshape(*lead, y.shape[-1])
 
 
+# GEMMs with a few rows (M = 2..64: batched decode, prefill, experts' token groups) run 1.5-3x faster here
+# with the weight stored K-major ([K, N] contiguous, MKL's no-transpose layout) than as torch's [N, K]
+# (measured in docs/performance.md); M = 1 GEMVs are as fast either way. So the first GEMM with M > 1 on a
+# weight makes its K-major copy, kept while the weight lives and rebuilt if it is modified in place: RAM
+# for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it GEMMs use [N, K]).
+_LAYOUT: dict = {}  # (id(w), kind) -> (weakref to w, w's version, derived tensor)
+_LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
+_layout_bytes = [0]
+
+
+def _version(w) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # inference tensors carry no version counter (and cannot be changed outside it)
+        return -1
+
+
+def _derived(w, kind: str, w3=None):
+    """w re-laid out for fast GEMMs, made once: "t" = last two dims transposed, contiguous ([.., K, N]);
+    "w13" = experts' w1 [E, I, K] and w3 stacked K-major ([K, 2 * E * I]: gate columns, then up). None when it
+    may not be cached (grad, compiling, over the budget)."""
+    if w.requires_grad or torch.compiler.is_compiling():
+        return None
+    key = (id(w), kind)
+    hit = _LAYOUT.get(key)
+    v = (_version(w), _version(w3)) if w3 is not None else _version(w)
+    if hit is not None and hit[0]() is w and hit[1] == v and (w3 is None or hit[3]() is w3):
+        return hit[2]
+    if hit is not None:
+        _drop(key)
+    nbytes = w.numel() * w.element_size() * (2 if w3 is not None else 1)
+    if _layout_bytes[0] + nbytes > _LAYOUT_BUDGET:
+        return None
+    if kind == "t":
+        out = w.transpose(-1, -2).contiguous()
+    else:
+        out = torch.cat((w.reshape(-1, w.shape[-1]), w3.reshape(-1, w3.shape[-1]))).t().contiguous()
+    _LAYOUT[key] = (weakref.ref(w, lambda _, k=key: _drop(k)), v, out, weakref.ref(w3) if w3 is not None else None)
+    _layout_bytes[0] += nbytes
+    return out
+
+
+def _drop(key) -> None:
+    hit = _LAYOUT.pop(key, None)
+    if hit is not None:
+        _layout_bytes[0] -= hit[2].numel() * hit[2].element_size()
+
+
+def _mm(x2, w):
+    """x2 [M, K] @ w[N, K]^T."""
+    if x2.shape[0] > 1:
+        wt = _derived(w, "t")
+        if wt is not None:
+            return torch.mm(x2, wt)
+    return F.linear(x2, w)
+
+
 def linear(x, w):
     if isinstance(w, Fp8Weight):
         return _fp8_linear(x, w)
-    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if x.numel() == x.shape[-1]:  # one row: a GEMV, fast in torch's layout
+        return F.linear(x, w)
+    return _mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
 
 
 def _bottom_right_mask(s, t, device):
@@ -126,12 +205,43 @@ def mla_prefill(q, k, v, causal, scale):
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
     preconditions.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens)
     b, s, h, c = q_latent.shape
+    p = kv_cache.shape[1]
+    ql = q_latent.reshape(b, s * h, c)
+    qp = q_pe.reshape(b, s * h, -1)
+    if ql.dtype != F32:
+        ql, qp = ql.float(), qp.float()
+    if torch.compiler.is_compiling():  # static shapes: the whole block-table row, masked
+        return _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s).to(q_latent.dtype)
+    # eager: the lengths are host values on a CPU (no device to wait for), so read only the blocks in use
+    lens = seq_lens.tolist()
+    preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
+    top = max(lens)
+    nblk = -(-top // p)
+    if min(lens) != top:
+        return _decode_masked(ql, qp, kv_cache, pe_cache, block_table[:, :nblk], seq_lens, scale, s).to(q_latent.dtype)
+    # every row holds `top` tokens: exactly those, no padding to mask
+    blocks = block_table[:, :nblk].long()
+    ckv = kv_cache[blocks].view(b, nblk * p, c)[:, :top]
+    cpe = pe_cache[blocks].view(b, nblk * p, -1)[:, :top]
+    if ckv.dtype != F32:
+        ckv, cpe = ckv.float(), cpe.float()
+    scores = torch.baddbmm(torch.bmm(qp, cpe.transpose(1, 2)), ql, ckv.transpose(1, 2), alpha=scale, beta=scale)
+    if s > 1:  # causal among the S new queries: query i sees keys j <= top - S + i
+        scores = scores.view(b, s, h, top).masked_fill(~_bottom_right_mask(s, top, ql.device).unsqueeze(1),
+                                                       float("-inf")).view(b, s * h, top)
+    out = torch.bmm(scores.softmax(-1), ckv)
+    return out.view(b, s, h, c).to(q_latent.dtype)
+
+
+def _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s):
+    """Every row's block-table row in one gather; entries past a row's length are masked (ids clamped so any
+    value is safe to index, rows zeroed so NaN/inf there cannot leak through 0 * x). fp32 [B, S, H, C]."""
+    b, sh, c = ql.shape
+    h = sh // s
     nb, p = kv_cache.shape[:2]
     t = block_table.shape[1] * p
-    # every row's whole block-table row in one gather; entries past a row's length are masked (ids clamped
-    # so any value is safe to index, rows zeroed so NaN/inf there cannot leak through 0 * x)
     blocks = block_table.long().clamp(0, nb - 1)
-    j = torch.arange(t, device=q_latent.device)
+    j = torch.arange(t, device=ql.device)
     valid = j.unsqueeze(0) < seq_lens.unsqueeze(1).long()  # [B, T]
     ckv = kv_cache[blocks].view(b, t, c)
     cpe = pe_cache[blocks].view(b, t, -1)
@@ -139,17 +249,13 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
         ckv, cpe = ckv.float(), cpe.float()
     ckv = ckv.masked_fill(~valid.unsqueeze(-1), 0.0)
     cpe = cpe.masked_fill(~valid.unsqueeze(-1), 0.0)
-    ql = q_latent.reshape(b, s * h, c)
-    qp = q_pe.reshape(b, s * h, -1)
-    if ql.dtype != F32:
-        ql, qp = ql.float(), qp.float()
     scores = torch.baddbmm(torch.bmm(qp, cpe.transpose(1, 2)), ql, ckv.transpose(1, 2), alpha=scale, beta=scale)
     # query i of S sits at position L - S + i: causal among the new tokens, nothing past L
-    qpos = seq_lens.long().unsqueeze(1) - s + torch.arange(s, device=q_latent.device).unsqueeze(0)  # [B, S]
+    qpos = seq_lens.long().unsqueeze(1) - s + torch.arange(s, device=ql.device).unsqueeze(0)  # [B, S]
     allowed = j.view(1, 1, t) <= qpos.unsqueeze(-1)  # [B, S, T]
     scores = scores.view(b, s, h, t).masked_fill(~allowed.unsqueeze(2), float("-inf"))
     out = torch.bmm(scores.softmax(-1).view(b, s * h, t), ckv)
-    return out.view(b, s, h, c).to(q_latent.dtype)
+    return out.view(b, s, h, c)
 
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
@@ -170,24 +276,50 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
 
 
 # MoE strategy by how many experts the tokens touch. Decode is bound by reading weights (fp32 experts of the
-# embedded model already overflow L2): touching most experts -> all experts in three GEMMs (sync-free);
-# touching few -> one GEMM per touched expert on views of the stacked weights (reads only those experts;
-# reads the counts on the host, free on a CPU), or, while torch.compile traces, gathered per-pair weights
-# (sync-free, but the gather copies each expert it reads). Dense is capped at _DENSE_MAX_M tokens.
+# embedded model already overflow L2) and, for small models, by the number of torch calls:
+#   one token (batch-1 decode): a host loop over its k experts on views of the stacked weights, 3 GEMVs
+#     each (reads only those experts; the ids are host values on a CPU, so reading them costs no sync);
+#   tokens touching most experts: all experts in three GEMMs (sync-free), capped at _DENSE_MAX_M tokens;
+#   otherwise one GEMM per touched expert over the tokens sorted by expert (each expert read once);
+#   while torch.compile traces: gathered per-pair weights (sync-free; the gather copies what it reads).
 _PAIR_MAX = 64
 _DENSE_MAX_M = 64
 
 
+def _swiglu(gate, up):
+    """silu(gate) * up as silu_mul computes it (fp32 math, rounded once to the inputs' dtype)."""
+    if gate.dtype == F32:
+        return F.silu(gate).mul_(up)
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3):
+    """M = 1: y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x), one expert at a time, fp32 accumulation."""
+    y = None
+    for e, wt in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
+        if e < 0:
+            continue
+        o = F.linear(_swiglu(F.linear(x, w1[e]), F.linear(x, w3[e])), w2[e])
+        o = o if o.dtype == F32 else o.float()
+        y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
+    return y if y is not None else torch.zeros(x.shape, dtype=F32, device=x.device)
+
+
 def _experts_dense(x, topk_weights, topk_ids, w1, w2, w3):
-    """Every expert on every token (one GEMM each for gate, up, down), weighted by a dense [M, E] routing matrix."""
+    """Every expert on every token (one GEMM for gate and up, one for down), weighted by a dense [M, E] routing
+    matrix (zero for the experts a token did not pick)."""
     m, d = x.shape
     e, i = w1.shape[:2]
-    gate = F.linear(x, w1.view(e * i, d)).view(m, e, i)
-    up = F.linear(x, w3.view(e * i, d)).view(m, e, i)
-    h = silu_mul(torch.cat((gate, up), dim=-1)) if x.dtype != F32 else F.silu(gate) * up  # [M, E, I]
-    y = torch.bmm(h.transpose(0, 1), w2.transpose(1, 2))  # [E, M, D]
     route = torch.zeros(m, e, dtype=F32, device=x.device)
     route.scatter_add_(1, topk_ids.clamp(min=0), topk_weights.float() * (topk_ids >= 0))
+    w13, w2t = _derived(w1, "w13", w3), _derived(w2, "t")
+    if x.dtype == F32 and w13 is not None and w2t is not None:
+        gu = torch.mm(x, w13)  # [M, 2 E I]
+        h = F.silu(gu[:, :e * i]).mul_(gu[:, e * i:]).view(m, e, i).mul_(route.unsqueeze(-1))
+        return torch.mm(h.view(m, e * i), w2t.view(e * i, d))  # routing weights applied before the (linear) down GEMM
+    # bf16: gate/up, SwiGLU and down outputs each rounded to bf16 as the contract says, weighted after
+    h = _swiglu(F.linear(x, w1.view(e * i, d)), F.linear(x, w3.view(e * i, d))).view(m, e, i)
+    y = torch.bmm(h.transpose(0, 1), w2.transpose(1, 2) if w2t is None else w2t)  # [E, M, D]
     return (y.float() * route.t().unsqueeze(-1)).sum(0)  # [M, D], fp32 accumulation
 
 
@@ -216,13 +348,18 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
     xs = x[tok]
     wsorted = topk_weights.flatten()[order].float().unsqueeze(-1)
     y = torch.zeros(m, d, dtype=F32, device=x.device)
+    dense = not isinstance(w1, Fp8Weight)
+    t1, t3, t2 = (_derived(w, "t") for w in (w1, w3, w2)) if dense else (None, None, None)
     start = counts[0]  # ids < 0 sort first and contribute nothing
     for e, cnt in enumerate(counts[1:]):
         if cnt:
             sl = slice(start, start + cnt)
             xe = xs[sl]
-            h = silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1))
-            y.index_add_(0, tok[sl], linear(h, w2[e]).float() * wsorted[sl])
+            if t1 is not None and t3 is not None and t2 is not None:
+                o = torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e])
+            else:
+                o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
+            y.index_add_(0, tok[sl], o.float() * wsorted[sl])
             start += cnt
     return y
 
@@ -232,6 +369,8 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     m, pairs, e = x.shape[0], topk_ids.numel(), w1.shape[0]
     if isinstance(w1, Fp8Weight):
         y = _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
+    elif m == 1 and not torch.compiler.is_compiling():
+        y = _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3)
     elif 2 * pairs >= e and m <= _DENSE_MAX_M:
         y = _experts_dense(x, topk_weights, topk_ids, w1, w2, w3)
     elif pairs <= _PAIR_MAX and torch.compiler.is_compiling():
