@@ -344,8 +344,10 @@ def summary_markdown(report: dict) -> str:
     if report["anchors"]:
         lines += ["", "## Targets (issue 14), from bench-ops.json", "", "| target | wanted | measured | met |",
                   "|---|---|---|---|"]
+        from deepport.bench_ops import met_text
+
         for a in report["anchors"]:
-            met = "-" if a["value"] is None else ("yes" if a["value"] >= a["target"] else "no")
+            met = met_text(a)
             lines.append(f"| {a['name']} | >= {a['target']:g} | {f(a['value'], 2)} | {met} |")
         lines += ["", "Per-row numbers: bench-ops.md."]
     if report["e2e"]:

@@ -42,6 +42,7 @@ def run(backend: str = "auto", ops=OPS, smoke: bool = False, progress=None) -> d
     report = {"backend": b.name, "label": b.evidence_label(), "device": harness.device_name(table.device),
               "fp8_format": table.fp8.name if table.fp8 else None, "smoke": smoke,
               "timing": harness.timing_label(table.device, smoke),
+              "timings_meaningful": harness.timings_meaningful(smoke),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "triton": _triton_version()},
               "limits": limits, "ops": {}}
@@ -62,7 +63,7 @@ def run(backend: str = "auto", ops=OPS, smoke: bool = False, progress=None) -> d
             except Exception as e:  # recorded, not fatal: the other ops still run
                 entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
                 entry["traceback"] = traceback.format_exc()[-4000:]
-            entry["anchors"] = mod.anchors(entry["rows"])
+            entry["anchors"] = [{**a, "meaningful": report["timings_meaningful"]} for a in mod.anchors(entry["rows"])]
         entry["seconds"] = round(time.perf_counter() - t1, 1)
         report["ops"][op] = entry
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -85,6 +86,15 @@ def _f(v, p=1):
 def _g(v):
     """A rate: three significant digits (CPU smoke rates are tiny, GPU ones large)."""
     return "-" if v is None else f"{v:.3g}"
+
+
+def met_text(anchor: dict) -> str:
+    """yes / no against the target; "-" without a value; n/a when the timings mean nothing (smoke, interpreter)."""
+    if anchor["value"] is None:
+        return "-"
+    if not anchor.get("meaningful", True):
+        return "n/a (timings meaningless)"
+    return "yes" if anchor["value"] >= anchor["target"] else "no"
 
 
 def markdown(report: dict) -> str:
@@ -126,12 +136,12 @@ def markdown(report: dict) -> str:
         skips = {f"{b}: {r['baselines'][b]['skipped']}" for r in e["rows"] for b in bases
                  if r["baselines"][b].get("skipped")}
         lines += [""] + [f"- skipped {s}" for s in sorted(skips)] + ([""] if skips else [])
-        lines += [f"- limit: {e['rows'][0]['limit']['what']}", ""]
+        lines += [f"- limit: {w}" for w in dict.fromkeys(r["limit"]["what"] for r in e["rows"])] + [""]
     anchors = [a for e in report["ops"].values() for a in e.get("anchors", [])]
     if anchors:
         lines += ["## Targets (issue 14)", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
         for a in anchors:
-            met = "-" if a["value"] is None else ("yes" if a["value"] >= a["target"] else "no")
+            met = met_text(a)
             lines.append(f"| {a['name']} | >= {a['target']:g} | {_f(a['value'], 2)} | {met} |")
         lines.append("")
     return "\n".join(lines)

@@ -104,6 +104,10 @@ def cpu_model() -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
+def timings_meaningful(smoke: bool) -> bool:
+    return not smoke and not settings.triton_interpret()
+
+
 def timing_label(device: torch.device, smoke: bool) -> str:
     """Whether the numbers mean anything: only a hardware run at full shapes does."""
     if settings.triton_interpret():
