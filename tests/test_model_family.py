@@ -6,15 +6,18 @@ Styles covered here (docs/models/compatibility.md maps the published models onto
   yarn_default  YaRN without original_max_position_embeddings (transformers uses max_position_embeddings)
   kimi_k2       model_type "kimi_k2", one expert group, no MTP (Kimi-K2's config shape)
 Bars: fp32 max rel <= 1e-4 and greedy tokens identical; bf16 within 1.5x transformers' own bf16 error;
-fp8 W8A8 within model_check's fp8 thresholds of transformers run with the same activation quantisation.
+fp8 W8A8 (transformers never quantises activations): deepport's W8A8 graph in fp32 activations against
+transformers' graph with the same activation quantisation emulated around its linears (sharp bars, see
+W8A8_FP32); the shipped bf16-activation fp8 path within 1.5x transformers' own bf16 W8A8 error.
 """
+import copy
 import json
 
 import pytest
 import torch
 
 import deepport
-from deepport.conformance.model_check import THRESHOLDS, compare_logits
+from deepport.conformance.model_check import Threshold, compare_logits
 from deepport.core.config import ConfigError, from_hf_config
 from deepport.core.formats import E4M3FN, quantize_weight
 
@@ -73,7 +76,7 @@ def test_norm_topk_prob_false_matches_transformers(tmp_path):
     ours, ids, ref = _check_fp32_and_greedy(hf, d, seed=12)
     assert ours.transformer.args.norm_topk_prob is False
     with torch.no_grad():
-        ref_bf16 = hf_oracle.build(seed=11, norm_topk_prob=False).bfloat16()(ids).logits.float()
+        ref_bf16 = copy.deepcopy(hf).bfloat16()(ids).logits.float()
         got_bf16 = deepport.load(d, backend="cpu_ref", dtype="bf16").logits(ids)
     assert mean_rel(got_bf16, ref) < 1.5 * mean_rel(ref_bf16, ref)
     # the flag matters on this model: renormalising anyway is far off
@@ -136,9 +139,13 @@ def _v31_checkpoint(hf, tmp_path):
     return d, deq
 
 
-def _oracle_on(deq, seed):
-    """transformers' model with the dequantised weights (routed experts rebuilt in its fused layout)."""
-    oracle = hf_oracle.build(seed=seed)
+def _oracle_on(oracle, deq):
+    """transformers' model `oracle` given the dequantised weights in place (routed experts rebuilt in its
+    fused layout).
+
+    Its experts run eagerly (one F.linear per expert): the default grouped_mm path never calls F.linear,
+    so the activation quantisation emulated below would silently skip every routed expert."""
+    oracle.set_experts_implementation("eager")
     with torch.no_grad():
         sd = oracle.state_dict()
         for name, w in deq.items():
@@ -165,44 +172,71 @@ def _fake_quant(x, ue8m0):
 
 
 def _w8a8_logits(oracle, ids, monkeypatch, ue8m0):
-    """The oracle with every fp8 GEMM's input activations quantised (the router and the head stay exact)."""
-    quantised = set()
+    """The oracle with every fp8 GEMM's input activations quantised (the router and the head stay exact).
+
+    transformers itself never quantises activations here (on CPU an fp8 checkpoint runs dequantised weights
+    against bf16/fp32 activations), so W8A8 is emulated around its F.linear calls. Every attention, dense
+    and shared-expert weight must be met, and routed experts too, or the emulation proves nothing."""
+    quantised, experts, hit = set(), set(), set()
     for name, p in oracle.named_parameters():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            quantised |= {p[e].data_ptr() for e in range(p.shape[0])}
+            experts |= {p[e].data_ptr() for e in range(p.shape[0])}
         elif _quantisable(name, p):
             quantised.add(p.data_ptr())
     linear = torch.nn.functional.linear
 
     def w8a8(x, w, b=None):
-        return linear(_fake_quant(x, ue8m0) if w.data_ptr() in quantised else x, w, b)
+        if w.data_ptr() in quantised | experts:
+            hit.add(w.data_ptr())
+            x = _fake_quant(x, ue8m0)
+        return linear(x, w, b)
 
     with monkeypatch.context() as m, torch.no_grad():
         m.setattr(torch.nn.functional, "linear", w8a8)
-        return oracle(ids).logits.float()
+        logits = oracle(ids).logits.float()
+    assert quantised <= hit and len(hit & experts) >= hf_oracle.TINY_HF["num_experts_per_tok"], "emulation missed GEMMs"
+    return logits
+
+
+# W8A8 with fp32 activations, deepport's graph against the emulation above on transformers' graph: the same
+# fp8 codes wherever both compute the GEMM inputs to the fp32 ulp. An ulp apart at a rounding boundary moves
+# one code by one e4m3 step (1/16 to 1/8 of that element), which max rel sees locally (measured 0.019 at one
+# position; mean rel 7e-4, cosine 0.99999), while fp32 instead of ue8m0 activation scales moves every code
+# (mean rel 0.31, cosine 0.94). Bars: cosine 0.9999 (the model check's fp32 bar), max rel 0.05, mean rel
+# 1/30 of the fp32-scale emulation's.
+W8A8_FP32 = Threshold(cosine=0.9999, max_rel=0.05)
 
 
 def test_v31_ue8m0_checkpoint_matches_transformers(tmp_path, monkeypatch):
     hf = hf_oracle.build(seed=31)
     d, deq = _v31_checkpoint(hf, tmp_path)
-    oracle = _oracle_on(deq, seed=31)
+    oracle = _oracle_on(hf, deq)  # written to the checkpoint first, then given its dequantised weights
     ours, ids, ref = _check_fp32_and_greedy(oracle, d, seed=32)  # fp32: dequantised exactly at load
+    oracle_bf16 = copy.deepcopy(oracle).bfloat16()  # ue8m0 scales: the dequantised weights are exact in bf16
     with torch.no_grad():
-        ref_bf16 = _oracle_on(deq, seed=31).bfloat16()(ids).logits.float()
+        ref_bf16 = oracle_bf16(ids).logits.float()
     assert mean_rel(deepport.load(d, backend="cpu_ref", dtype="bf16").logits(ids), ref) < 1.5 * mean_rel(ref_bf16, ref)
 
-    fp8 = deepport.load(d, backend="cpu_ref", dtype="fp8")
-    lin = fp8.transformer.layers[0].attn.wkv_a
-    assert lin.w().scale_fmt == "ue8m0" and fp8.transformer.layers[1].ffn.experts.get("w1").scale_fmt == "ue8m0"
+    # W8A8 with power-of-two activation scales, judged in fp32 activations (the sharp check)
     want = _w8a8_logits(oracle, ids, monkeypatch, ue8m0=True)
-    got = fp8.logits(ids)
-    assert compare_logits(got, want, THRESHOLDS["fp8"]).ok
-    # sharper: W8A8 with fp32 activations against the same emulation; fp32-scale W8A8 sits much farther off
-    sharp = _fp32_w8a8(d).logits
+    fp32_scales = _w8a8_logits(oracle, ids, monkeypatch, ue8m0=False)
     with torch.no_grad():
-        err = rel_err(sharp(ids), want)
-        wrong = rel_err(_w8a8_logits(oracle, ids, monkeypatch, ue8m0=False), want)
-    assert err < 2e-2 and err < wrong / 3, (err, wrong)
+        sharp = _fp32_w8a8(d).logits(ids)
+    assert compare_logits(sharp, want, W8A8_FP32).ok, compare_logits(sharp, want, W8A8_FP32).detail
+    assert mean_rel(sharp, want) < mean_rel(fp32_scales, want) / 30, (mean_rel(sharp, want), mean_rel(fp32_scales, want))
+
+    # deepport.load(dtype="fp8"): bf16 activations. Each activation's bf16 rounding moves some fp8 codes, and
+    # this random 3-layer model amplifies that: transformers' own bf16 W8A8 sits at cosine 0.94 / mean rel
+    # 0.32 from its fp32 W8A8, below the model check's fp8 bar (that bar compares two backends in one dtype).
+    # So here the bar is the issue's bf16 rule, 1.5x transformers' own bf16 error; it catches a broken graph,
+    # not the scale format (the fp32 check above and the act_quant ue8m0 conformance cases do).
+    fp8 = deepport.load(d, backend="cpu_ref", dtype="fp8")
+    assert fp8.transformer.layers[0].attn.wkv_a.w().scale_fmt == "ue8m0"
+    assert fp8.transformer.layers[1].ffn.experts.get("w1").scale_fmt == "ue8m0"
+    want_bf16 = _w8a8_logits(oracle_bf16, ids, monkeypatch, ue8m0=True)
+    with torch.no_grad():
+        got = fp8.logits(ids)
+    assert mean_rel(got, want) < 1.5 * mean_rel(want_bf16, want), (mean_rel(got, want), mean_rel(want_bf16, want))
 
 
 def _fp32_w8a8(d):
@@ -266,8 +300,8 @@ def test_family_config_keys_read_as_transformers_does():
     top = from_hf_config(dict(V3_KEYS, rope_scaling=rope, original_max_position_embeddings=256))
     assert top.original_seq_len == 256  # a top-level key wins, as in transformers
     no_factor = {k: v for k, v in rope.items() if k != "factor"}
-    assert from_hf_config(dict(V3_KEYS, rope_scaling=dict(no_factor, original_max_position_embeddings=128))
-                          ).rope_factor == V3_KEYS["max_position_embeddings"] / 128
+    with pytest.raises(ConfigError, match="needs a factor"):  # transformers: "Missing required keys ... factor"
+        from_hf_config(dict(V3_KEYS, rope_scaling=dict(no_factor, original_max_position_embeddings=128)))
     q = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
          "scale_fmt": "ue8m0"}
     assert from_hf_config(dict(V3_KEYS, quantization_config=q)).scale_fmt == "ue8m0"
