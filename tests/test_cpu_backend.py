@@ -1,0 +1,165 @@
+"""The built-in `cpu` backend: conformance, auto selection, the served-as label, greedy equality with cpu_ref,
+and each of its fast paths against cpu_ref on seeded inputs."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import deepport
+from deepport.backends.cpu import capability
+from deepport.backends.cpu import ops as cpu
+from deepport.backends.cpu_ref import ops as ref
+from deepport.conformance.runner import run
+from deepport.core import registry
+from deepport.core.registry import Backend, Probe
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from test_core import run_cli  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, oversubscribed machine two OpenMP threads wait on each other (6x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_conformance_bf16_and_fp32_with_no_fallback():
+    rep = run("cpu", tier="quick", dtypes=("bf16", "fp32"), fallback="error")
+    bad = [(r.case, r.status, r.reason) for r in rep.results if r.status != "pass"]
+    assert not bad and len(rep.results) > 40, bad
+    assert rep.label.startswith("hardware: cpu (") and capability.isa() in rep.label
+    assert rep.meta["fp8_checkpoints_served_as"] == "fp32"
+
+
+@pytest.mark.slow
+def test_model_check_fp32_and_bf16_passes_with_served_as_label():
+    rep = run("cpu", tier="quick", dtypes=("fp8", "bf16", "fp32"), ops=[], fallback="error", model_check=True)
+    by = {r.case: r for r in rep.results}
+    for d in ("bf16", "fp32"):
+        for check in ("logits", "decode", "mtp", "greedy"):
+            r = by[f"model_{check}_{d}"]
+            assert r.status == "pass", (r.case, r.reason)
+            assert f"FP8 checkpoint served as {d}" in r.reason
+    skipped = by["model_logits_fp8"]
+    assert skipped.status == "skip" and "served as fp32" in skipped.reason
+
+
+def test_auto_picks_cpu_and_a_cpu_device_plugin_never_wins(monkeypatch):
+    monkeypatch.delenv("DEEPPORT_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no interpreted cuda/rocm: no accelerator here
+    assert registry.select().name == "cpu"
+    builtin = registry.discover
+
+    def with_plugin():
+        found = dict(builtin())
+        found["toycpu"] = Backend(name="toycpu", device_type="cpu", probe=lambda: Probe(True, "toy"),
+                                  load=lambda: {"silu_mul": ref.silu_mul}, dtypes=frozenset({"fp32"}), origin="plugin")
+        return found
+
+    monkeypatch.setattr(registry, "discover", with_plugin)
+    assert registry.select().name == "cpu"
+    assert registry.select("toycpu").name == "toycpu"  # still usable by name
+
+
+def test_installed_cpu_plugin_does_not_take_over_generate(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "toycpu").mkdir(parents=True)
+    (pkg / "toycpu" / "__init__.py").write_text(textwrap.dedent('''
+        from deepport.core.plugins import hookimpl
+        from deepport.core.registry import Backend, Probe
+
+        @hookimpl
+        def deepport_backends():
+            return [Backend(name="toycpu", device_type="cpu", probe=lambda: Probe(True, "toy"), load=lambda: {},
+                            dtypes=frozenset({"fp32"}))]
+    '''))
+    dist = pkg / "toycpu-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toycpu\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[deepport]\ntoycpu = toycpu\n")
+    r = run_cli("generate", "--max-new-tokens", "4", "--json", env={"PYTHONPATH": str(pkg)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # the default path: cpu, fp32, the embedded FP8 checkpoint labelled as served in fp32 (and warned about)
+    assert out["backend"] == "cpu" and out["dtype"] == "fp32" and out["served_as"] == "fp32"
+    assert "FP8 checkpoint served as fp32" in r.stderr
+
+
+def test_greedy_tokens_equal_cpu_ref_fp32():
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\n\nclass Config:\n"]  # ragged batch
+    got = deepport.load(backend="cpu")
+    want = deepport.load(backend="cpu_ref", dtype="fp32")
+    assert got.dtype == "fp32" and got.served_as == "fp32"
+    a = got.generate_batch(prompts, max_new_tokens=24)
+    b = want.generate_batch(prompts, max_new_tokens=24)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert got.generate(prompts[0], max_new_tokens=24).tokens == b[0].tokens  # batch 1: the one-token MoE path
+
+
+def _experts(g, m, e=16, i=64, d=128, k=4, dtype=torch.float32):
+    x = torch.randn(m, d, generator=g).to(dtype)
+    w1, w3 = (torch.randn(e, i, d, generator=g).mul(0.1).to(dtype) for _ in range(2))
+    w2 = torch.randn(e, d, i, generator=g).mul(0.1).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    return x, torch.rand(m, k, generator=g), ids, w1, w2, w3
+
+
+@pytest.mark.parametrize("path,m", [("_experts_one_token", 1), ("_experts_dense", 8), ("_experts_grouped", 8),
+                                    ("_experts_pairs", 3), ("moe_experts", 1), ("moe_experts", 8), ("moe_experts", 70)])
+def test_moe_paths_match_cpu_ref_fp32(path, m):
+    g = torch.Generator().manual_seed(12 + m)
+    x, w, ids, w1, w2, w3 = _experts(g, m)
+    ids[0, 1] = -1  # an unused slot contributes nothing
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    got = getattr(cpu, path)(x, w, ids, w1, w2, w3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_dense_bf16_rounds_like_the_contract():
+    g = torch.Generator().manual_seed(5)
+    args = _experts(g, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(cpu.moe_experts(*args).float(), ref.moe_experts(*args).float(), rtol=2e-2, atol=6e-3)
+
+
+def test_kmajor_copy_follows_in_place_weight_updates():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w), x @ w.t())
+    w.mul_(-2.0)  # in place: the cached K-major copy must be rebuilt
+    torch.testing.assert_close(cpu.linear(x, w), x @ w.t())
+    assert cpu.linear(x[:1], w).shape == (1, 96)
+
+
+def _paged(g, lens, s, b_blocks=6, p=4, c=32, r=8, h=3):
+    b = len(lens)
+    nb = b * b_blocks + 1
+    kv = torch.randn(nb, p, c, generator=g)
+    pe = torch.randn(nb, p, r, generator=g)
+    table = torch.randperm(nb - 1, generator=g)[:b * b_blocks].view(b, b_blocks).int()
+    for i, n in enumerate(lens):  # entries past a row's length: any value, never read
+        table[i, -(-n // p):] = 10 ** 6
+        kv[table[i, :-(-n // p)].long()[-1], n % p or p:] = float("nan")  # poison the tail of the last block
+    return (torch.randn(b, s, h, c, generator=g), torch.randn(b, s, h, r, generator=g), kv, pe, table,
+            torch.tensor(lens, dtype=torch.int32), 0.3)
+
+
+@pytest.mark.parametrize("lens,s", [([9], 1), ([9, 9], 3), ([5, 13, 9], 1), ([7, 12], 2)])
+def test_mla_decode_fast_and_masked_paths_match_cpu_ref(lens, s):
+    args = _paged(torch.Generator().manual_seed(sum(lens) + s), lens, s)
+    got = cpu.mla_decode(*args)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref.mla_decode(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotation_cache_is_per_table_pair():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 4, 16, generator=g)
+    tables = [(torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)) for _ in range(2)]
+    for cos, sin in tables + tables:
+        torch.testing.assert_close(cpu.rope(x, cos, sin), ref.rope(x, cos, sin))
