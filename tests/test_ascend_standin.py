@@ -166,6 +166,17 @@ def test_moe_gate_plumbing(npu):
     assert kw["bias"] == ("tensor", (256,), torch.float32, True)
 
 
+
+def test_moe_gate_without_renormalisation(npu):
+    """norm_topk_prob=false (HF config): the fused op still selects; weights come from its normOut (sigmoid)."""
+    ops, g = _ops(), _g(5)
+    x, w, bias = _gate_inputs(g)
+    got = ops.moe_gate(x, w, bias, 8, 4, 8, 2.5, False)
+    _same_routing(got, ref.moe_gate(x, w, bias, 8, 4, 8, 2.5, False))
+    (call,) = npu.calls("npu_moe_gating_top_k")
+    assert call["kwargs"]["out_flag"] is True
+    assert not torch.allclose(got[0], ref.moe_gate(x, w, bias, 8, 4, 8, 2.5, True)[0])  # the flag matters
+
 def test_moe_gate_chip_limits(npu, monkeypatch):
     ops, g = _ops(), _g(5)
     x, w, bias = _gate_inputs(g, e=16)
