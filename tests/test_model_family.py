@@ -5,6 +5,7 @@ Styles covered here (docs/models/compatibility.md maps the published models onto
   no_renorm     norm_topk_prob=false: routing weights not renormalised
   yarn_default  YaRN without original_max_position_embeddings (transformers uses max_position_embeddings)
   kimi_k2       model_type "kimi_k2", one expert group, no MTP (Kimi-K2's config shape)
+  moonlight     no q_lora, one expert group, two shared experts, no YaRN (Moonlight-16B-A3B's shape)
 Bars: fp32 max rel <= 1e-4 and greedy tokens identical; bf16 within 1.5x transformers' own bf16 error;
 fp8 W8A8 (transformers never quantises activations): deepport's W8A8 graph in fp32 activations against
 transformers' graph with the same activation quantisation emulated around its linears (sharp bars, see
@@ -267,6 +268,16 @@ def test_kimi_k2_style_loads_and_matches(tmp_path):
     d = _save(hf, tmp_path / "kimi", edit=lambda c: c.update(model_type="kimi_k2"))
     ours, _, _ = _check_fp32_and_greedy(hf, d, seed=42)
     assert ours.transformer.args.n_expert_groups == 1 and ours.transformer.args.route_scale == 2.827
+
+
+def test_moonlight_style_loads_and_matches(tmp_path):
+    """Moonlight-16B-A3B: no q_lora (q_proj), one expert group, two shared experts, plain rope (no YaRN)."""
+    hf = hf_oracle.build(seed=51, q_lora_rank=None, n_group=1, topk_group=1, n_shared_experts=2,
+                         num_experts_per_tok=6, routed_scaling_factor=2.446, rope_scaling=None, rope_theta=50000.0)
+    d = _save(hf, tmp_path / "moonlight")
+    ours, _, _ = _check_fp32_and_greedy(hf, d, seed=52)
+    a = ours.transformer.args
+    assert (a.q_lora_rank, a.n_expert_groups, a.n_shared_experts, a.yarn) == (0, 1, 2, False)
 
 
 V3_KEYS = dict(hf_oracle.TINY_HF, model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc")
