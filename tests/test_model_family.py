@@ -297,6 +297,15 @@ V3_KEYS = dict(hf_oracle.TINY_HF, model_type="deepseek_v3", scoring_func="sigmoi
     ("model_type", "deepseek_v32", "model_type"),
     ("scoring_func", "softmax", "scoring_func"),
     ("topk_method", "group_limited_greedy", "topk_method"),
+    ("model_type", "deepseek_v2", "model_type 'deepseek_v2'"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("rope_interleave", False, "rope_interleave"),
+    ("tie_word_embeddings", True, "tie_word_embeddings"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope type 'linear'"),
+    ("rope_scaling", {"type": "yarn", "original_max_position_embeddings": 128}, "needs a factor"),
+    ("quantization_config", {"quant_method": "compressed-tensors"}, "compressed-tensors"),
+    ("quantization_config", {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64]},
+     "weight_block_size"),
 ])
 def test_unsupported_keys_are_refused_by_name(key, value, needle):
     with pytest.raises(ConfigError, match=needle):
