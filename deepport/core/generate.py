@@ -77,10 +77,19 @@ def _trim(row: list[int], eos_id: int | None, max_new_tokens: int) -> list[int]:
     return row[:max_new_tokens]
 
 
+def _same_length_groups(prompts: list[list[int]]) -> list[list[int]]:
+    """Row indices grouped by prompt length, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for r, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(r)
+    return list(groups.values())
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, eos_id: int | None = None, block_size: int = 16, step=None) -> Generation:
-    """Plain autoregressive decoding: each prompt prefilled on its own, then one batched decode step per token.
+    """Plain autoregressive decoding: prompts of equal length prefilled together (each length group in one
+    forward), then one batched decode step per token.
 
     step: a core.step.DecodeStep (bucketed, compiled and/or graph-captured); None: the eager forward. The
     loop keeps sampled tokens on the device and reads them back only every EOS_CHECK_EVERY steps (when an
@@ -97,10 +106,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     real = list(range(b))
     sampler = Sampler(model.ops, temperature, top_p, seed, defer=True)
     t0 = time.perf_counter()
-    last = []
-    for r, p in enumerate(prompts):
-        h = model(torch.tensor([p], device=device), cache, rows=[r])
-        last.append(model.logits(h[:, -1]))
+    last = [None] * b
+    for rows in _same_length_groups(prompts):  # prompts of one length prefill together, others on their own
+        h = model(torch.tensor([prompts[r] for r in rows], device=device), cache, rows=rows)
+        for j, r in enumerate(rows):
+            last[r] = model.logits(h[j:j + 1, -1])
     next_tok = sampler(torch.cat(last))
     picked = [next_tok]
     _sync(device)

@@ -121,7 +121,7 @@ def _fp8_linear(x, w: Fp8Weight):
 # (measured in docs/performance.md); M = 1 GEMVs are as fast either way. So the first GEMM with M > 1 on a
 # weight makes its K-major copy, kept while the weight lives and rebuilt if it is modified in place: RAM
 # for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it GEMMs use [N, K]).
-_LAYOUT: dict = {}  # (id(w), kind) -> (weakref to w, w's version, derived tensor)
+_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy)
 _LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
 _layout_bytes = [0]
 
@@ -133,27 +133,23 @@ def _version(w) -> int:
         return -1
 
 
-def _derived(w, kind: str, w3=None):
-    """w re-laid out for fast GEMMs, made once: "t" = last two dims transposed, contiguous ([.., K, N]);
-    "w13" = experts' w1 [E, I, K] and w3 stacked K-major ([K, 2 * E * I]: gate columns, then up). None when it
-    may not be cached (grad, compiling, over the budget)."""
+def _kmajor(w):
+    """w with its last two dims transposed, contiguous ([.., K, N]), made once and kept while w lives; rebuilt
+    after an in-place change of w. None when it may not be cached (grad, compiling, over the budget)."""
     if w.requires_grad or torch.compiler.is_compiling():
         return None
-    key = (id(w), kind)
+    key = id(w)
     hit = _LAYOUT.get(key)
-    v = (_version(w), _version(w3)) if w3 is not None else _version(w)
-    if hit is not None and hit[0]() is w and hit[1] == v and (w3 is None or hit[3]() is w3):
+    v = _version(w)
+    if hit is not None and hit[0]() is w and hit[1] == v:
         return hit[2]
     if hit is not None:
         _drop(key)
-    nbytes = w.numel() * w.element_size() * (2 if w3 is not None else 1)
+    nbytes = w.numel() * w.element_size()
     if _layout_bytes[0] + nbytes > _LAYOUT_BUDGET:
         return None
-    if kind == "t":
-        out = w.transpose(-1, -2).contiguous()
-    else:
-        out = torch.cat((w.reshape(-1, w.shape[-1]), w3.reshape(-1, w3.shape[-1]))).t().contiguous()
-    _LAYOUT[key] = (weakref.ref(w, lambda _, k=key: _drop(k)), v, out, weakref.ref(w3) if w3 is not None else None)
+    out = w.transpose(-1, -2).contiguous()
+    _LAYOUT[key] = (weakref.ref(w, lambda _, k=key: _drop(k)), v, out)
     _layout_bytes[0] += nbytes
     return out
 
@@ -167,7 +163,7 @@ def _drop(key) -> None:
 def _mm(x2, w):
     """x2 [M, K] @ w[N, K]^T."""
     if x2.shape[0] > 1:
-        wt = _derived(w, "t")
+        wt = _kmajor(w)
         if wt is not None:
             return torch.mm(x2, wt)
     return F.linear(x2, w)
@@ -275,15 +271,14 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
     return (w * (route_scale / w.sum(-1, keepdim=True)) if norm_topk_prob else w * route_scale), ids
 
 
-# MoE strategy by how many experts the tokens touch. Decode is bound by reading weights (fp32 experts of the
-# embedded model already overflow L2) and, for small models, by the number of torch calls:
-#   one token (batch-1 decode): a host loop over its k experts on views of the stacked weights, 3 GEMVs
-#     each (reads only those experts; the ids are host values on a CPU, so reading them costs no sync);
-#   tokens touching most experts: all experts in three GEMMs (sync-free), capped at _DENSE_MAX_M tokens;
-#   otherwise one GEMM per touched expert over the tokens sorted by expert (each expert read once);
-#   while torch.compile traces: gathered per-pair weights (sync-free; the gather copies what it reads).
+# MoE strategy (measured in whole decode steps, docs/performance.md): decode is bound by reading weights and,
+# for small models, by the number of torch calls.
+#   one token (batch-1 decode): a host loop over its k experts on views of the stacked weights, 3 GEMVs each
+#     (reads only those experts; the ids are host values on a CPU, so reading them costs no sync);
+#   more tokens: sorted by expert, one GEMM per touched expert on K-major copies of the expert weights (each
+#     expert read once; 2.5x faster in a batch-8 step than all experts in three dense GEMMs, which was tried);
+#   while torch.compile traces: gathered per-pair weights up to _PAIR_MAX pairs (sync-free; the gather copies).
 _PAIR_MAX = 64
-_DENSE_MAX_M = 64
 
 
 def _swiglu(gate, up):
@@ -303,24 +298,6 @@ def _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3):
         o = o if o.dtype == F32 else o.float()
         y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
     return y if y is not None else torch.zeros(x.shape, dtype=F32, device=x.device)
-
-
-def _experts_dense(x, topk_weights, topk_ids, w1, w2, w3):
-    """Every expert on every token (one GEMM for gate and up, one for down), weighted by a dense [M, E] routing
-    matrix (zero for the experts a token did not pick)."""
-    m, d = x.shape
-    e, i = w1.shape[:2]
-    route = torch.zeros(m, e, dtype=F32, device=x.device)
-    route.scatter_add_(1, topk_ids.clamp(min=0), topk_weights.float() * (topk_ids >= 0))
-    w13, w2t = _derived(w1, "w13", w3), _derived(w2, "t")
-    if x.dtype == F32 and w13 is not None and w2t is not None:
-        gu = torch.mm(x, w13)  # [M, 2 E I]
-        h = F.silu(gu[:, :e * i]).mul_(gu[:, e * i:]).view(m, e, i).mul_(route.unsqueeze(-1))
-        return torch.mm(h.view(m, e * i), w2t.view(e * i, d))  # routing weights applied before the (linear) down GEMM
-    # bf16: gate/up, SwiGLU and down outputs each rounded to bf16 as the contract says, weighted after
-    h = _swiglu(F.linear(x, w1.view(e * i, d)), F.linear(x, w3.view(e * i, d))).view(m, e, i)
-    y = torch.bmm(h.transpose(0, 1), w2.transpose(1, 2) if w2t is None else w2t)  # [E, M, D]
-    return (y.float() * route.t().unsqueeze(-1)).sum(0)  # [M, D], fp32 accumulation
 
 
 def _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3):
@@ -349,7 +326,7 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
     wsorted = topk_weights.flatten()[order].float().unsqueeze(-1)
     y = torch.zeros(m, d, dtype=F32, device=x.device)
     dense = not isinstance(w1, Fp8Weight)
-    t1, t3, t2 = (_derived(w, "t") for w in (w1, w3, w2)) if dense else (None, None, None)
+    t1, t3, t2 = (_kmajor(w) for w in (w1, w3, w2)) if dense else (None, None, None)
     start = counts[0]  # ids < 0 sort first and contribute nothing
     for e, cnt in enumerate(counts[1:]):
         if cnt:
@@ -366,14 +343,10 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
-    m, pairs, e = x.shape[0], topk_ids.numel(), w1.shape[0]
-    if isinstance(w1, Fp8Weight):
-        y = _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
-    elif m == 1 and not torch.compiler.is_compiling():
+    m, pairs = x.shape[0], topk_ids.numel()
+    if m == 1 and not isinstance(w1, Fp8Weight) and not torch.compiler.is_compiling():
         y = _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3)
-    elif 2 * pairs >= e and m <= _DENSE_MAX_M:
-        y = _experts_dense(x, topk_weights, topk_ids, w1, w2, w3)
-    elif pairs <= _PAIR_MAX and torch.compiler.is_compiling():
+    elif pairs <= _PAIR_MAX and torch.compiler.is_compiling() and not isinstance(w1, Fp8Weight):
         y = _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3)
     else:
         y = _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
