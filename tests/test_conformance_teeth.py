@@ -33,7 +33,7 @@ CAUGHT_BY = {
     "tempignored": {"sample_temperature_only_bf16"},
     "globalrng": {"sample_seeded_bf16"},
     "fixedseed": {"sample_seeded_bf16"},
-}
+}  # decodechunk (faults.py) is the model check's: the op-level mla_decode_chunk case already fails it
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,16 @@ def test_boundary_case_power_is_one():
     for seed in range(20):
         ok = torch.multinomial(nucleus, n, replacement=True, generator=torch.Generator().manual_seed(seed))
         assert compare.chi_square(ok, nucleus)[2] >= SAMPLE_ALPHA
+
+
+@pytest.mark.slow
+def test_model_check_runs_chunked_prefill_and_sampled_decoding(site):
+    from deepport.conformance import model_check
+
+    # a decode kernel that masks nothing once S > 2: only the chunked-prefill check (5 and 7 tokens) sees it
+    res = {r.case: r for r in model_check.run("planted_decodechunk", dtypes=("bf16",))}
+    assert {c for c, r in res.items() if r.status == "fail"} == {"model_chunked_bf16"}, res
+    # a sampler on the global RNG: only the sampled-decoding check sees it, as a reproducibility failure
+    res = {r.case: r for r in model_check.run("planted_globalrng", dtypes=("bf16",))}
+    assert {c for c, r in res.items() if r.status == "fail"} == {"model_sampled_bf16"}, res
+    assert "same seed drew other tokens" in res["model_sampled_bf16"].reason

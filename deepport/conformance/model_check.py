@@ -5,8 +5,13 @@ Per dtype, four checks (case names `model_<check>_<dtype>`, op "model"):
   decode  the backend's prefill-then-decode logits (ragged rows, paged cache with small blocks, one
           2-token chunk then single tokens) vs its own full-prefill logits at the same positions;
   mtp     MTP draft logits (mtp_forward on each model's own hidden states) vs cpu_ref's;
+  chunked chunked prefill: a short prefill, then chunks of 5 and 7 tokens onto the non-empty paged cache
+          (ragged rows), vs the backend's own full prefill and vs cpu_ref's chunked logits;
   greedy  N greedy steps, teacher-forced on cpu_ref's tokens: the backend's pick at every step must be
-          cpu_ref's unless cpu_ref's top-2 logits there are within NEAR_TIE[dtype] (a genuine near-tie).
+          cpu_ref's unless cpu_ref's top-2 logits there are within NEAR_TIE[dtype] (a genuine near-tie);
+  sampled N sampled steps (temperature 0.8, top_p 0.9, a seeded generator), teacher-forced on cpu_ref's
+          picks: every pick inside cpu_ref's nucleus (up to NUCLEUS_MARGIN at its edge), the same seed
+          redraws the same tokens, another seed draws others.
 The reference runs cpu_ref on the CPU in the same dtype on the same weights (fp8: the same fp8 codes,
 scales and W8A8 activation quantisation), so only arithmetic differences remain.
 """
@@ -25,7 +30,7 @@ from deepport.core.errors import DeepportError
 from deepport.core.model import Transformer
 
 TORCH_DTYPES = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
-CHECKS = ("logits", "decode", "mtp", "greedy")
+CHECKS = ("logits", "decode", "chunked", "mtp", "greedy", "sampled")
 SEED = 2024
 
 
@@ -147,6 +152,35 @@ def check_decode(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
                    f"vs own full prefill: {own.detail}; vs cpu_ref decode: {cross.detail}")
 
 
+CHUNKED_SPLIT = ((16, 4), (13, 1))  # (tokens, first prefill) per row: 12 tokens left each, in the chunks below
+CHUNKS = (5, 7)  # S > 1 onto a non-empty cache: the chunked-prefill path (mla_decode with S new queries)
+
+
+def chunked_logits(t: Transformer, prompts) -> torch.Tensor:
+    """Each row prefilled on its own, then batched chunks of CHUNKS tokens over a paged cache: [B, 12, V]."""
+    dev = t.embed.weight.device
+    cache = t.new_cache(len(prompts), max(n for n, _ in CHUNKED_SPLIT) + 1, block_size=4)
+    for r, (p, (_, k)) in enumerate(zip(prompts, CHUNKED_SPLIT)):
+        t(p[:k].view(1, -1).to(dev), cache, rows=[r])
+    rest = torch.stack([p[k:] for p, (_, k) in zip(prompts, CHUNKED_SPLIT)])
+    outs, i = [], 0
+    for s in CHUNKS:
+        outs.append(t.logits(t(rest[:, i:i + s].to(dev), cache)).float().cpu())
+        i += s
+    return torch.cat(outs, dim=1)
+
+
+def check_chunked(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
+    """Chunked prefill vs the backend's own full prefill (DECODE_VS_PREFILL) and vs cpu_ref's chunked prefill."""
+    prompts = _prompts(got.args.vocab_size, [n for n, _ in CHUNKED_SPLIT])
+    chunked = chunked_logits(got, prompts)
+    full = torch.stack([_full_logits(got, p)[k:] for p, (_, k) in zip(prompts, CHUNKED_SPLIT)])
+    own = compare_logits(chunked, full, DECODE_VS_PREFILL[dtype])
+    cross = compare_logits(chunked, chunked_logits(ref, prompts), THRESHOLDS[dtype])
+    return Outcome(own.ok and cross.ok, max(own.max_abs, cross.max_abs), max(own.max_rel, cross.max_rel),
+                   f"vs own full prefill: {own.detail}; vs cpu_ref chunked prefill: {cross.detail}")
+
+
 def check_mtp(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
     """Both MTP modules get cpu_ref's main hidden states, so the check judges the MTP path, not main-model drift."""
     ids = torch.stack(_prompts(ref.args.vocab_size, (12, 12)))
@@ -158,18 +192,21 @@ def check_mtp(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
     return compare_logits(g, r, THRESHOLDS[dtype])
 
 
-def greedy_trace(t: Transformer, prompts, steps: int, forced: torch.Tensor | None = None):
-    """Greedy picks through t's own `sample` op over a paged cache: ([B, steps] picks, [B, steps, V] logits).
+def greedy_trace(t: Transformer, prompts, steps: int, forced: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+    """Picks through t's own `sample` op over a paged cache: ([B, steps] picks, [B, steps, V] logits).
 
     With `forced` [B, steps], the next input is forced[:, i] instead of the pick (teacher forcing).
+    temperature > 0 samples with a CPU generator seeded with `seed` (one generator for the whole trace).
     """
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     dev = t.embed.weight.device
     cache = t.new_cache(len(prompts), max(len(p) for p in prompts) + steps + 1, block_size=4)
     last = [t.logits(t(p.view(1, -1).to(dev), cache, rows=[r])[:, -1]) for r, p in enumerate(prompts)]
     logits = torch.cat(last).float()
     picks, trace = [], []
     for i in range(steps):
-        tok = t.ops.sample(logits, 0.0, 1.0, None).view(-1)
+        tok = t.ops.sample(logits, temperature, top_p, gen).view(-1)
         picks.append(tok.cpu())
         trace.append(logits.cpu())
         nxt = tok if forced is None else forced[:, i].to(dev)
@@ -194,6 +231,38 @@ def check_greedy(got: Transformer, ref: Transformer, dtype: str, steps: int) -> 
         detail += (f"; first real divergence: row {b} step {i}: picked {int(picks[b, i])}, cpu_ref "
                    f"{int(want[b, i])} (top-2 gap {gap[b, i].item():.3f})")
     return Outcome(not real.any(), max_abs, None, detail)
+
+
+SAMPLED = (0.8, 0.9)  # temperature, top_p of the sampled check
+# a pick outside cpu_ref's nucleus is excused while cpu_ref's mass before it is under top_p + this margin: the
+# backend's own logits (within THRESHOLDS of cpu_ref's) may move the nucleus edge by about that much
+NUCLEUS_MARGIN = {"fp32": 1e-3, "bf16": 0.05, "fp8": 0.1}
+
+
+def check_sampled(got: Transformer, ref: Transformer, dtype: str, steps: int) -> Outcome:
+    """Sampled decoding through the backend's `sample` op, teacher-forced on cpu_ref's picks."""
+    temperature, top_p = SAMPLED
+    prompts = _prompts(ref.args.vocab_size, (7, 4))
+    want, ref_logits = greedy_trace(ref, prompts, steps, temperature=temperature, top_p=top_p, seed=SEED)
+    runs = [greedy_trace(got, prompts, steps, forced=want, temperature=temperature, top_p=top_p, seed=seed)[0]
+            for seed in (SEED, SEED, SEED + 1)]
+    picks = runs[0]
+    probs = torch.softmax(ref_logits.double() / temperature, dim=-1)  # [B, steps, V]
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    before = torch.empty_like(probs).scatter_(-1, idx, sorted_p.cumsum(-1) - sorted_p)  # mass ahead of each token
+    ahead = before.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+    outside = ahead >= top_p + NUCLEUS_MARGIN[dtype]
+    detail = f"{int((picks == want).sum())} of {picks.numel()} sampled picks equal cpu_ref's"
+    problems = []
+    if outside.any():
+        b, i = (int(v) for v in outside.nonzero()[0])
+        problems.append(f"{int(outside.sum())} pick(s) outside cpu_ref's top-p nucleus; row {b} step {i}: token "
+                        f"{int(picks[b, i])} has {ahead[b, i].item():.3f} of the mass ahead of it (top_p {top_p})")
+    if not torch.equal(runs[0], runs[1]):
+        problems.append("the same seed drew other tokens: sample must draw from the generator it is given")
+    if torch.equal(runs[0], runs[2]):
+        problems.append("another seed drew the same tokens: sample ignores the generator it is given")
+    return Outcome(not problems, float((picks != want).sum()), None, "; ".join(problems + [detail]))
 
 
 def _skip_reason(b: registry.Backend, dtype: str) -> str:
@@ -231,7 +300,7 @@ def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress
 
     def result(check, dtype, status, impl, o: Outcome | None, reason, seconds):
         th = THRESHOLDS.get(dtype)
-        rtol = None if th is None else (NEAR_TIE[dtype] if check == "greedy" else th.max_rel)
+        rtol = None if th is None else {"greedy": NEAR_TIE, "sampled": NUCLEUS_MARGIN}.get(check, {}).get(dtype, th.max_rel)
         return CaseResult(op="model", case=f"model_{check}_{dtype}", dtype=dtype, status=status, impl=impl,
                           max_abs=o.max_abs if o else None, max_rel=o.max_rel if o else None, rtol=rtol,
                           atol=None, reason=reason, seconds=seconds)
@@ -265,7 +334,7 @@ def run(backend, *, dtypes=("fp8", "bf16"), model=None, steps: int = 8, progress
             t1 = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    o = check_greedy(got, ref, dtype, steps) if check == "greedy" else \
+                    o = globals()[f"check_{check}"](got, ref, dtype, steps) if check in ("greedy", "sampled") else \
                         globals()[f"check_{check}"](got, ref, dtype)
             except Exception as e:  # a crashing backend fails the check, with the reason
                 o = Outcome(False, detail=f"raised {type(e).__name__}: {e}")

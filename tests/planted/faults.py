@@ -163,6 +163,22 @@ def mla_decode_split_merge_unscaled(q_latent, q_pe, kv_cache, pe_cache, block_ta
     return out.to(q_latent.dtype)
 
 
+def mla_decode_mtp_mask_only(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    """A decode kernel written for S <= 2 (one token, or MTP's two): with more new queries it masks none of them
+    (every query sees the whole sequence), which only a chunk of 3+ tokens onto a cache exposes."""
+    s = q_latent.shape[1]
+    if s <= 2:
+        return ref.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
+    out = torch.empty(q_latent.shape, dtype=torch.float32)
+    for i, length in enumerate(seq_lens.tolist()):
+        ckv = _gather(kv_cache, block_table[i], length).float()
+        cpe = _gather(pe_cache, block_table[i], length).float()
+        scores = (torch.einsum("shc,tc->sht", q_latent[i].float(), ckv)
+                  + torch.einsum("shr,tr->sht", q_pe[i].float(), cpe)) * scale
+        out[i] = torch.einsum("sht,tc->shc", scores.softmax(-1), ckv)
+    return out.to(q_latent.dtype)
+
+
 def mla_decode_via_bf16(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
     """A bf16-only kernel: fp32 inputs are cast to bf16 and the result cast back (exact for bf16 calls)."""
     b16 = torch.bfloat16
@@ -248,6 +264,7 @@ FAULTS = {
     "prefillbf16": ("mla_prefill", mla_prefill_via_bf16),
     "decodemerge": ("mla_decode", mla_decode_split_merge_unscaled),
     "decodebf16": ("mla_decode", mla_decode_via_bf16),
+    "decodechunk": ("mla_decode", mla_decode_mtp_mask_only),
     "normepsout": ("rms_norm", rms_norm_eps_outside_sqrt),
     "normfp16sq": ("rms_norm", rms_norm_fp16_squares),
     "gemmfp32bf16": ("fp8_gemm", fp8_gemm_fp32_via_bf16),
