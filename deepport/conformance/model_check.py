@@ -269,7 +269,8 @@ def _skip_reason(b: registry.Backend, dtype: str) -> str:
     try:
         registry.check_dtype(b, dtype)
     except DeepportError as e:
-        return str(e)
+        served = b.compute_dtype() if dtype == "fp8" and "fp8" not in b.dtypes and b.compute_dtype else None
+        return f"{e}; FP8 checkpoints are served as {served} here (model_*_{served})" if served else str(e)
     return ""
 
 
