@@ -3,7 +3,11 @@ added for it, and fails on those cases; the planted *correct* variant passes eve
 
 Faults live in tests/planted/faults.py and reach deepport through the real entry-point path.
 """
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +115,33 @@ def test_model_check_runs_chunked_prefill_and_sampled_decoding(site):
     res = {r.case: r for r in model_check.run("planted_globalrng", dtypes=("bf16",))}
     assert {c for c, r in res.items() if r.status == "fail"} == {"model_sampled_bf16"}, res
     assert "same seed drew other tokens" in res["model_sampled_bf16"].reason
+
+
+def _torchrun_conformance(tmp_path, backend, site):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    out = tmp_path / f"{backend}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "deepport", "conformance",
+                        "--backend", backend, "--ops", "all_reduce,all_to_all", "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    rep = json.loads(out.read_text()) if out.exists() else None
+    return p, rep
+
+
+@pytest.mark.slow
+def test_collectives_across_two_ranks(site, tmp_path):
+    p, rep = _torchrun_conformance(tmp_path, "cpu_ref", site)
+    assert p.returncode == 0 and rep, p.stdout[-2000:] + p.stderr[-2000:]
+    assert {r["case"]: r["status"] for r in rep["results"]} == {
+        "all_reduce_ranks_bf16": "pass", "all_reduce_ranks_fp32_bf16": "pass",
+        "all_to_all_ranks_uneven_bf16": "pass", "all_to_all_ranks_uneven_fp8": "pass"}
+    # faults invisible at world size 1 (both are the identity there) fail across ranks
+    for fault, op in (("reducemean", "all_reduce"), ("a2areversed", "all_to_all")):
+        assert runner.run(f"planted_{fault}", tier="quick", ops=[op]).exit_code == 0
+        p, rep = _torchrun_conformance(tmp_path, f"planted_{fault}", site)
+        assert p.returncode == 1 and rep, p.stdout[-2000:] + p.stderr[-2000:]
+        failed = {r["case"] for r in rep["results"] if r["status"] == "fail"}
+        assert failed and all(c.startswith(op) for c in failed), failed

@@ -242,7 +242,9 @@ def test_torchrun_conformance_model_check_tp2(tmp_path):
     assert p.stdout.count("deepport conformance: backend cpu_ref") == 1  # rank 0 reports
     rep = json.loads(report.read_text())
     model = [r for r in rep["results"] if r["op"] == "model"]
-    assert {r["case"] for r in model} == {f"model_{c}_bf16" for c in ("logits", "decode", "mtp", "greedy")}
+    from deepport.conformance.model_check import CHECKS
+
+    assert {r["case"] for r in model} == {f"model_{c}_bf16" for c in CHECKS}
     assert all(r["status"] == "pass" for r in model)
     assert rep["parallel"] == {"tp": 2, "ep": 1}
 

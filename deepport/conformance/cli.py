@@ -50,6 +50,7 @@ def cmd_conformance(a) -> int:
     if a.tp * a.ep > 1 and not a.model_check:
         raise ConfigError("--tp/--ep shard the end-to-end model check; add --model-check")
     progress = LineProgress()
+    _join_ranks(backend, a)
     try:
         rep = run(backend, tier=a.tier, dtypes=dtypes, ops=_ops(a.ops), fallback=a.fallback, progress=progress,
                   model_check=a.model_check, cross_check=a.cross_check, parallel=(a.tp, a.ep))
@@ -64,6 +65,22 @@ def cmd_conformance(a) -> int:
             write(rep, path)
             print(f"wrote {path}", file=sys.stderr)
     return rep.exit_code
+
+
+def _join_ranks(backend, a) -> None:
+    """Under torchrun without a sharded model check: join the process group (the backend's dist_backend), so the
+    collective cases (all_reduce, all_to_all) run across every rank. `--model-check --tp/--ep` joins its own."""
+    import torch
+    import torch.distributed as dist
+
+    from deepport.core import distributed
+
+    _, size, local_rank = distributed.env_rank()
+    if size > 1 and a.tp * a.ep == 1 and not dist.is_initialized():
+        device = backend.device()
+        if device.type != "cpu" and hasattr(getattr(torch, device.type, None), "set_device"):
+            getattr(torch, device.type).set_device(local_rank)
+        dist.init_process_group(backend.dist_backend)
 
 
 def _ops(text):

@@ -246,6 +246,22 @@ def sample_fixed_seed(logits, temperature, top_p, generator):
     return ref.sample(logits, temperature, top_p, torch.Generator().manual_seed(1234))
 
 
+def all_reduce_mean(x, group=None):
+    """Averages instead of summing (identity at world size 1)."""
+    import torch.distributed as dist
+
+    ref.all_reduce(x, group)
+    if dist.is_initialized():
+        x /= dist.get_world_size(group)
+    return x
+
+
+def all_to_all_sources_reversed(x, output_split_sizes, input_split_sizes, group=None):
+    """Lays the received chunks out in reverse source-rank order (identity at world size 1)."""
+    out = ref.all_to_all(x, output_split_sizes, input_split_sizes, group)
+    return torch.cat(list(reversed(out.split(list(output_split_sizes)))))
+
+
 # fault name -> (op it breaks, faulty implementation)
 FAULTS = {
     "gatebias": ("moe_gate", gate_biased_weights),
@@ -273,6 +289,8 @@ FAULTS = {
     "tempignored": ("sample", sample_temperature_only_with_top_p),
     "globalrng": ("sample", sample_global_rng),
     "fixedseed": ("sample", sample_fixed_seed),
+    "reducemean": ("all_reduce", all_reduce_mean),
+    "a2areversed": ("all_to_all", all_to_all_sources_reversed),
 }
 
 
