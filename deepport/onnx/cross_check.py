@@ -156,10 +156,50 @@ def run(*, tier: str = "quick", dtypes=("fp8", "bf16"), ops=None, progress=None,
     return results
 
 
+REQUANT_EPS = 2.0 ** -18  # relative: 32 fp32 ulps, far above silu's library-to-library difference (a few)
+
+
+def requant_slack(args) -> torch.Tensor:
+    """moe_experts_fp8's replay allowance [M, D]: what fp8 codes of the re-quantised SwiGLU intermediate
+    h = silu(g) * u that sit at a rounding boundary can change in the output if they round the other way.
+
+    The node quantises h inside itself, and silu's last ulp is library-specific (torch's silu and
+    onnxruntime's Exp differ on a few percent of inputs), so where h / s is within a few fp32 ulps of the
+    midpoint between two codes the two implementations may pick either: exact inputs cannot make that node
+    bit-exact. A code counts as at a boundary when moving h / s by REQUANT_EPS (relative) changes it; every
+    other code must match, so the allowance is zero almost everywhere. `args` are the recorded call's
+    (x, topk_weights, topk_ids, w1, w1_scale_inv, w2, w2_scale_inv, w3, w3_scale_inv, act_max, fp8_type,
+    ue8m0)."""
+    from deepport.backends.cpu_ref import ops as ref
+    from deepport.core.formats import FORMATS, dequantize_weight
+
+    x, tw, ids, w1, s1, w2, s2, w3, s3, _act_max, fp8_type, ue8m0 = args
+    fmt = next(f for f in FORMATS.values() if F.FP8_TYPES[f.name] == fp8_type)
+    scale_fmt = "ue8m0" if ue8m0 else "fp32"
+    k = ids.shape[1]
+    valid = (ids >= 0).flatten()
+    flat = ids.flatten().clamp(min=0)
+    xs = x.repeat_interleave(k, dim=0)
+    w = {n: Fp8Weight(c, sc, scale_fmt=scale_fmt) for n, c, sc in (("w1", w1, s1), ("w3", w3, s3))}
+    h = ref.silu_mul(torch.cat((ref._pair_linear(xs, w["w1"], flat), ref._pair_linear(xs, w["w3"], flat)), -1))
+    codes, s = ref.act_quant(h, fmt, 128, scale_fmt)  # [P, I], [P, I/128]
+    scale = s.repeat_interleave(128, dim=1)
+    r = h.float() / scale
+    c = codes.float()
+    jump = torch.maximum((r * (1 + REQUANT_EPS)).to(fmt.dtype).float() - c,
+                         c - (r * (1 - REQUANT_EPS)).to(fmt.dtype).float()).abs() * scale  # [P, I], 0 off boundaries
+    w2d = dequantize_weight(w2, s2)[flat]  # [P, D, I]
+    per_pair = (w2d.abs() * jump.unsqueeze(1)).sum(-1) * (tw.flatten().abs().float() * valid).unsqueeze(-1)
+    return per_pair.view(x.shape[0], k, -1).sum(1)  # [M, D]
+
+
 def replay(model: onnx.ModelProto, records: list, rtol: float = 1e-4, atol: float = 1e-4) -> list[tuple]:
     """Teacher-forced check of an exported graph: each deepport-domain node, run alone in onnxruntime on the
     exact inputs cpu_ref saw when the graph ran eagerly (deepport.onnx.nodes.RECORD, same order), must give
-    cpu_ref's outputs (floats within rtol/atol, integers exactly). Returns [(node name, function, ok, detail)]."""
+    cpu_ref's outputs (floats within rtol/atol, integers exactly). Returns [(node name, function, ok, detail)].
+
+    moe_experts_fp8 re-quantises an intermediate inside the node: its outputs may differ by requant_slack
+    (codes at a rounding boundary rounding the other way) on top of rtol/atol; the detail says how many did."""
     from deepport.conformance.compare import _close
     from deepport.conformance.tolerances import Tol
 
@@ -188,10 +228,27 @@ def replay(model: onnx.ModelProto, records: list, rtol: float = 1e-4, atol: floa
         for i, (g, e) in enumerate(zip(got, outs)):
             if e.is_floating_point():
                 r = _close(g.float(), e.float(), Tol(rtol, atol), f"output {i}: ")
+                if not r.ok and function == "moe_experts_fp8":
+                    r = _within_requant_slack(g.float(), e.float(), requant_slack(args), rtol, atol, r)
                 ok &= r.ok
-                detail += [r.detail] if not r.ok else []
+                detail += [r.detail] if not r.ok or r.detail else []
             elif not torch.equal(g.sort(-1).values, e.sort(-1).values):  # routing ids: order within a row is free
                 ok = False
                 detail.append(f"output {i}: integer outputs differ")
         results.append((node.name, function, ok, "; ".join(detail)))
     return results
+
+
+def _within_requant_slack(g, e, slack, rtol, atol, plain):
+    """plain _close's failure re-judged with moe_experts_fp8's allowance (see requant_slack)."""
+    from deepport.conformance.compare import Outcome
+
+    diff, tol = (g - e).abs(), atol + rtol * e.abs()
+    n, beyond = int((diff > tol).sum()), diff > tol + slack
+    if not beyond.any():
+        return Outcome(True, plain.max_abs, plain.max_rel,
+                       f"{n} of {e.numel()} elements differ by fp8 codes of the re-quantised SwiGLU "
+                       f"intermediate at a rounding boundary")
+    return Outcome(False, plain.max_abs, plain.max_rel,
+                   f"{plain.detail}; {int(beyond.sum())} beyond what boundary codes of the re-quantised "
+                   f"SwiGLU intermediate explain")
