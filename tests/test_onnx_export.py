@@ -221,6 +221,27 @@ def test_moe_fp8_replay_excuses_only_boundary_codes(fp8):
     ok, detail = replay_first(outside)[2:]
     assert not ok and "beyond what boundary codes" in detail
 
+
+def test_v31_style_export_carries_ue8m0_and_no_renorm(tmp_path):
+    """A checkpoint with DeepSeek-V3.1's scale_fmt ue8m0 and norm_topk_prob=false: the nodes say so
+    (ue8m0=1, norm_topk_prob=0) and replay cpu_ref node for node."""
+    import shutil
+
+    d = tmp_path / "v31"
+    shutil.copytree(models.resolve(None, fp8=True), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    cfg["norm_topk_prob"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = export.build(str(d), "fp8")
+    m = export.prefill_model(t, "fp8")
+    attrs = {(n.op_type, a.name): a.i for n in m.graph.node if n.domain == functions.DOMAIN for a in n.attribute}
+    assert attrs[("linear_fp8", "ue8m0")] == attrs[("moe_experts_fp8", "ue8m0")] == 1
+    assert attrs[("moe_gate", "norm_topk_prob")] == 0
+    _, records = export.record_calls(export.Prefill(t), _ids(1, 5, 1))
+    bad = [r for r in cross_check.replay(m, records) if not r[2]]
+    assert not bad, bad[:3]
+
 def test_fp8_export_end_to_end_within_fp8_quantisation_error(fp8):
     """Tolerance: act_quant is discontinuous, so a 1-ulp fp32 difference at a rounding boundary moves a code
     one fp8 step (and routing can follow). End to end the export may therefore differ from cpu_ref's fp8
