@@ -102,6 +102,10 @@ def test_yarn_without_original_max_position_embeddings_matches_transformers(tmp_
     hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # transformers reads the config
     ours, ids, ref = _check_fp32_and_greedy(hf, d, seed=22)
     assert ours.transformer.args.original_seq_len == hf_oracle.TINY_HF["max_position_embeddings"]
+    with torch.no_grad():
+        ref_bf16 = copy.deepcopy(hf).bfloat16()(ids).logits.float()
+        got_bf16 = deepport.load(d, backend="cpu_ref", dtype="bf16").logits(ids)
+    assert mean_rel(got_bf16, ref) < 1.5 * mean_rel(ref_bf16, ref)
     # the old default (4096) would have moved most rotary frequencies: the logits must see it
     old = _save(hf, tmp_path / "yarn4096", edit=lambda c: (c.get("rope_scaling") or c["rope_parameters"]).update(
         original_max_position_embeddings=4096))
