@@ -294,6 +294,9 @@ FAULTS = {
 }
 
 
+MULTI_RANK = {"reducemean", "a2areversed"}  # the identity at world size 1: only a torchrun launch can fail them
+
+
 def act_quant_reciprocal(x, fmt, block=128, scale_fmt="fp32"):
     """Multiplies by 1/s instead of dividing by s: codes one ulp apart at fp32 rounding ties, which the
     act_quant contract allows. A *correct* variant: it must pass every case, fp8 linear included."""
