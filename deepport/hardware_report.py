@@ -414,10 +414,12 @@ def cmd_hardware_report(a) -> int:
 
 
 def register(sub) -> None:
+    from deepport import cli_checks
+
     p = sub.add_parser("hardware-report", help="every hardware check in one command, within a time budget; "
                                                "writes DIR/<device>-<date>/")
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="seconds for all stages (default 480)")
+    p.add_argument("--budget-s", type=cli_checks.positive_float, default=480.0, help="seconds for all stages (default 480)")
     p.add_argument("--output", default="docs/hardware", help="parent directory of the report (default docs/hardware)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes everywhere (CI / interpreter); timings meaningless")
     p.add_argument("--stages", default=None, help="comma-separated stage names or prefixes (default: all), "

@@ -80,6 +80,13 @@ CLI_CASES = [
     (["bench", "--batch", "0"], "must be at least 1"),
     (["export-onnx", "--output", "x.onnx", "--block-size", "0"], "must be at least 1"),
     (["train-tiny", "--steps", "0"], "must be at least 1"),
+    (["train-tiny", "--threads", "0"], "must be at least 1"),
+    (["train-tiny", "--lr", "nan"], "must be a finite number"),
+    (["train-tiny", "--warmup", "-5"], "must be >= 0"),
+    (["train-tiny", "--heldout-every", "0"], "must be at least 1"),
+    (["train-tiny", "--max-minutes", "-1"], "must be > 0"),
+    (["bench", "--threads", "0"], "must be at least 1"),
+    (["hardware-report", "--budget-s", "0"], "must be > 0"),
     (["conformance", "--backend", "cpu_ref", "--json", "/nonexistent-dir/r.json"], "create it first"),
     (["conformance", "--backend", "cpu_ref", "--junit", "{tmp}"], "is a directory; give a file name"),
     (["conformance", "--backend", "cpu_ref", "--markdown", "/proc/deepport.md"], "choose another path"),
@@ -94,6 +101,28 @@ def test_cli_argument_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys,
     rc, err = main([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     assert_one_line(rc, err, needle)
     assert time.time() - start < 15, "refused only after long work"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return deepport.load(backend="cpu_ref", dtype="fp32")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(seed=10 ** 23), "seed must be an integer in [0, 2**63)"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(prompt=[5, 1024]), "token id 1024 is outside the vocabulary"),
+    (dict(prompt=[]), "empty prompt"),
+], ids=["temp-1", "temp-nan", "top_p0", "seed1e23", "seed1.5", "id-oov", "empty"])
+def test_api_sampling_arguments_are_checked(tiny, kwargs, needle):
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", "def f():")
+    with pytest.raises(DeepportError) as e:
+        tiny.generate(prompt, max_new_tokens=2, **kwargs)
+    assert needle in str(e.value)
 
 
 def test_non_utf8_prompt_bytes_from_a_real_command_line():
