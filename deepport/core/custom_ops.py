@@ -177,8 +177,9 @@ def _tensors(values) -> list[torch.Tensor]:
 
 
 def _results(s: Spec, out, inputs: list[torch.Tensor], like: torch.Tensor):
-    """A backend's return value as the schema's tensors: fixed arity, never aliasing an input."""
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    """A backend's return value as the schema's tensors: fixed arity, contiguous (the strides the fake
+    implementations promise to the compiler), never aliasing an input."""
+    outs = [o.contiguous() for o in (out if isinstance(out, (tuple, list)) else [out])]
     if len(outs) < s.n_results:  # rms_norm without residual: y only; an empty placeholder fills the slot
         outs += [like.new_empty(0)] * (s.n_results - len(outs))
     ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
@@ -192,15 +193,19 @@ def _acc(*ts) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """x's shape and dtype, contiguous (every result crosses the boundary contiguous: see _results)."""
+    return x.new_empty(x.shape)
+
+
 def _weight_rows(w) -> int:
     return w.shape[-2]
 
 
 FAKES: dict[str, Callable[[dict], object]] = {
     # rms_norm: y [..., D] in x.dtype (and r alike with a residual)
-    "rms_norm": lambda a: (torch.empty_like(a["x"]),
-                           torch.empty_like(a["x"]) if a["residual"] is not None else a["x"].new_empty(0)),
-    "rope": lambda a: torch.empty_like(a["x"]),  # x's shape and dtype
+    "rms_norm": lambda a: (_like(a["x"]), _like(a["x"]) if a["residual"] is not None else a["x"].new_empty(0)),
+    "rope": lambda a: _like(a["x"]),  # x's shape and dtype
     # act_quant: codes [..., K] fmt.dtype; s [..., K/block] fp32
     "act_quant": lambda a: (a["x"].new_empty(a["x"].shape, dtype=fp8_format(a["fmt"]).dtype),
                             a["x"].new_empty(*a["x"].shape[:-1], a["x"].shape[-1] // a["block"], dtype=torch.float32)),
@@ -208,14 +213,14 @@ FAKES: dict[str, Callable[[dict], object]] = {
     "fp8_gemm": lambda a: a["a"].new_empty(a["a"].shape[0], a["b"].shape[0], dtype=a["out_dtype"]),  # [M, N]
     "linear": lambda a: a["x"].new_empty(*a["x"].shape[:-1], _weight_rows(a["w"])),  # [..., N] x.dtype
     "mla_prefill": lambda a: a["q"].new_empty(*a["q"].shape[:3], a["v"].shape[-1]),  # [B, S, H, Dv] q.dtype
-    "mla_decode": lambda a: torch.empty_like(a["q_latent"]),  # [B, S, H, C] q_latent.dtype
+    "mla_decode": lambda a: _like(a["q_latent"]),  # [B, S, H, C] q_latent.dtype
     # moe_gate: weights [M, k] fp32 (fp64 for fp64 inputs, the conformance reference); ids [M, k] int64
     "moe_gate": lambda a: (a["x"].new_empty(a["x"].shape[0], a["topk"], dtype=_acc(a["x"], a["weight"])),
                            a["x"].new_empty(a["x"].shape[0], a["topk"], dtype=torch.int64)),
-    "moe_experts": lambda a: torch.empty_like(a["x"]),  # [M, D] x.dtype
+    "moe_experts": lambda a: _like(a["x"]),  # [M, D] x.dtype
     "silu_mul": lambda a: a["x"].new_empty(*a["x"].shape[:-1], a["x"].shape[-1] // 2),  # [..., I] x.dtype
     "sample": lambda a: a["logits"].new_empty(a["logits"].shape[:-1], dtype=torch.int64),  # [B] int64
-    "all_reduce": lambda a: torch.empty_like(a["x"]),
+    "all_reduce": lambda a: _like(a["x"]),
     # all_to_all: [sum(output_split_sizes), ...] (x itself, M rows, when not distributed)
     "all_to_all": lambda a: a["x"].new_empty(sum(a["output_split_sizes"]), *a["x"].shape[1:]),
 }
@@ -225,7 +230,11 @@ def _reference_fake(op: str):
     """For a contract without a rule above: cpu_ref's code (the executable spec) run on fake tensors."""
     from deepport.backends.cpu_ref import ops as ref
 
-    return lambda a: getattr(ref, op)(**a)
+    def fake(a):
+        out = getattr(ref, op)(**a)
+        return tuple(o.contiguous() for o in out) if isinstance(out, (tuple, list)) else out.contiguous()
+
+    return fake
 
 
 # ---- registration ---------------------------------------------------------------------------------------
@@ -257,13 +266,23 @@ def _define(op: str):
         out = fake_rule({p.name: v for p, v in zip(s.params, values)})
         return out
 
-    lib_op = torch.library.custom_op(f"{NAMESPACE}::{op}", impl, mutates_args=(), schema=s.schema)
-    lib_op.register_fake(fake)
-    return lib_op
+    # A plain torch.library.Library definition (not torch.library.custom_op): one Python layer per call
+    # instead of custom_op's autograd/inplace wrappers, measured ~30% less dispatch overhead per op on CPU.
+    # The ops define no backward: as_custom_op calls the function directly while autograd records.
+    _LIB.define(op + s.schema)
+    _LIB.impl(op, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{op}", fake, lib=_LIB)
+    return getattr(getattr(torch.ops, NAMESPACE), op)
+
+
+_LIB = None
 
 
 def register_all() -> dict[str, object]:
-    """Define deepport::<op> for every contract (once per process); returns {op: CustomOpDef}."""
+    """Define deepport::<op> for every contract (once per process); returns {op: OpOverloadPacket}."""
+    global _LIB
+    if _LIB is None:
+        _LIB = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - kept for the process's lifetime
     for op in contracts.CONTRACTS:
         if op not in _REGISTERED:
             _REGISTERED[op] = _define(op)
