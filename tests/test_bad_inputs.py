@@ -134,6 +134,22 @@ def test_non_utf8_prompt_bytes_from_a_real_command_line():
     assert len(err.strip().splitlines()) == 1
 
 
+NO_ONNX = ("import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None  # as if the extra were absent\n"
+           "from deepport.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["export-onnx", "--output", "{tmp}/m.onnx"], "export-onnx needs the onnx extra"),
+    (["conformance", "--backend", "cpu_ref", "--ops", "silu_mul", "--cross-check", "onnxruntime"], "the onnx extra"),
+], ids=["export-onnx", "cross-check"])
+def test_missing_onnx_extra_is_one_line(argv, needle, tmp_path):
+    env = dict(os.environ, DEEPPORT_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-c", NO_ONNX, *[a.replace("{tmp}", str(tmp_path)) for a in argv]],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert_one_line(r.returncode, r.stderr, needle)
+    assert "pip install 'deepport[onnx]'" in r.stderr
+
+
 def test_closed_pipe_ends_quietly():
     env = dict(os.environ, DEEPPORT_PROGRESS="0")
     p = subprocess.Popen([sys.executable, "-m", "deepport", "conformance", "--list"], stdout=subprocess.PIPE,
