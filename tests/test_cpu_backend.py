@@ -165,3 +165,28 @@ def test_rope_rotation_cache_is_per_table_pair():
     tables = [(torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)) for _ in range(2)]
     for cos, sin in tables + tables:
         torch.testing.assert_close(cpu.rope(x, cos, sin), ref.rope(x, cos, sin))
+
+
+def test_decode_weight_bytes_counts_expected_experts():
+    from deepport import bench_compare
+
+    m = deepport.load(backend="cpu")
+    a = m.transformer.args
+    params = {n: p.numel() * p.element_size() for n, p in m.transformer.named_parameters()}
+    experts = sum(v for n, v in params.items() if ".experts." in n and not n.startswith("mtp."))
+    other = sum(v for n, v in params.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
+    for batch in (1, 8):
+        frac = 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
+        assert bench_compare.decode_weight_bytes(m.transformer, batch) == pytest.approx(other + experts * frac, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_compare_transformers_runs_and_agrees():
+    r = run_cli("bench", "--compare", "transformers", "--threads", "1", "--max-new-tokens", "6", "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)["compare"]
+    assert c["greedy_tokens_equal"] is True
+    for side in ("deepport", "transformers"):
+        assert c[side]["decode_tokens_per_s"] > 0 and c[side]["prefill_tokens_per_s"] > 0
+    w = c["weight_streaming"]
+    assert w["read_bandwidth_bytes_per_s"] > 1e8 and w["decode_weight_bytes_per_step"] > 1e6
