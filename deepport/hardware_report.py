@@ -44,6 +44,7 @@ class Stage:
     stdout_json: bool = False  # its stdout is a JSON document (kept as <name>.json)
     note: str = ""
     env: dict = field(default_factory=dict)
+    skip: str = ""  # planned as skipped, with this reason (e.g. a GPU-only stage in a CPU smoke run)
 
     def command(self) -> list:
         if self.argv and os.path.isabs(str(self.argv[0])):
@@ -147,18 +148,25 @@ def _param_estimate(a) -> int:
 
 
 def plan(backend: str, smoke: bool, device: dict, flags: set | None = None) -> list[Stage]:
-    """The stages in order of value. Per-stage caps keep one stuck stage from eating the whole budget."""
+    """The stages in order of value. Per-stage caps keep one stuck stage from eating the whole budget.
+
+    Smoke (CPU, interpreter): the model check runs cpu_ref's graph for 2 steps in bf16 (the backend's graph takes
+    ~10 min under the interpreter; its ops are checked one by one in the conformance stages), the end-to-end
+    bench uses a short prompt, and the compiled/graphs step comparison is skipped (it profiles every variant;
+    it needs a GPU to mean anything)."""
     from deepport.core.ops import CONTRACTS
 
     flags = bench_flags() if flags is None else flags
     tier = "quick" if smoke else "full"
+    check = ["--backend", "cpu_ref", "--dtypes", "bf16", "--steps", "2"] if smoke else ["--backend", backend]
     s = [Stage("backends", ["backends", "--json"], 60, 3, stdout_json=True),
          Stage("conformance-quick", ["conformance", "--backend", backend, "--tier", "quick", "--dtype", "all",
                                      "--fallback", "error", "--json", "conformance-quick.json",
                                      "--markdown", "conformance-quick.md"], 300, 20,
                ("conformance-quick.json", "conformance-quick.md")),
-         Stage("model-check", [sys.executable, "-m", "deepport.hardware_report", "model-check", "--backend", backend,
-                               "--json", "model-check.json"], 300, 20, ("model-check.json",))]
+         Stage("model-check", [sys.executable, "-m", "deepport.hardware_report", "model-check", *check,
+                               "--json", "model-check.json"], 300, 20, ("model-check.json",),
+               note="smoke: cpu_ref's graph, bf16, 2 steps (wiring only)" if smoke else "")]
     ops = sorted(CONTRACTS, key=lambda o: FULL_TIER_ORDER.index(o) if o in FULL_TIER_ORDER else len(FULL_TIER_ORDER))
     for op in ops:
         s.append(Stage(f"full-{op}", ["conformance", "--backend", backend, "--tier", tier, "--ops", op, "--dtype", "all",
@@ -167,13 +175,18 @@ def plan(backend: str, smoke: bool, device: dict, flags: set | None = None) -> l
     s.append(Stage("bench-ops", ["bench", "ops", "--backend", backend, *(["--smoke"] if smoke else []),
                                  "--json", "bench-ops.json", "--markdown", "bench-ops.md"], 300, 30,
                    ("bench-ops.json", "bench-ops.md")))
-    size = ["--max-new-tokens", "2", "--repeats", "1"] if smoke else ["--max-new-tokens", "64", "--repeats", "3"]
-    modes = [("eager", [])] + [(f[2:], [f]) for f in ("--compile", "--graphs") if f in flags]
+    size = ["--max-new-tokens", "2", "--repeats", "1", "--prompt", "def f("] if smoke else \
+        ["--max-new-tokens", "64", "--repeats", "3"]
+    gpu = device.get("device_type") == "cuda"
+    # eager, then one step comparison: eager vs torch.compile (vs CUDA/HIP graphs on a GPU) in one process
+    step = [f for f in ("--compile", "--graphs") if f in flags and (f != "--graphs" or gpu)]
     for model, label in ((None, "embedded"), (pick_preset(device.get("memory_bytes"), smoke), None)):
-        for mode, extra in modes:
-            name = f"bench-{label or model}-{mode}"
-            s.append(Stage(name, ["bench", "--backend", backend, *(["--model", model] if model else []), *size,
-                                  *extra, "--json"], 240, 20, stdout_json=True))
+        base = ["bench", "--backend", backend, *(["--model", model] if model else []), *size, "--json"]
+        s.append(Stage(f"bench-{label or model}-eager", base, 240, 20, stdout_json=True))
+        if step:
+            s.append(Stage(f"bench-{label or model}-{step[-1][2:]}", base + step, 300, 30, stdout_json=True,
+                           skip="smoke: the step comparison profiles each variant for minutes under the interpreter "
+                                "and means nothing off a GPU" if smoke else ""))
     return s
 
 
@@ -254,7 +267,10 @@ def run_stages(stages: list[Stage], out_dir: Path, budget_s: float, env: dict | 
     t0, results = time.perf_counter(), []
     for st in stages:
         left = budget_s - (time.perf_counter() - t0)
-        if left < st.min_s:
+        if st.skip:
+            r = {"stage": st.name, "status": "skipped", "seconds": 0.0, "command": shlex.join(st.command()),
+                 "reason": st.skip}
+        elif left < st.min_s:
             r = {"stage": st.name, "status": "skipped", "seconds": 0.0, "command": shlex.join(st.command()),
                  "reason": f"budget: {max(left, 0):.0f} s of {budget_s:.0f} s left, the stage needs at least "
                            f"{st.min_s:.0f} s (raise --budget-s or pick --stages)"}
@@ -298,14 +314,25 @@ def anchors(out_dir: Path) -> list[dict]:
 
 
 def e2e_rows(results: list[dict]) -> list[dict]:
+    """One row per `deepport bench` run: the eager run's "plain" numbers, or each variant of a step comparison
+    (eager / compiled / graphs: decode tok/s, speed-up over eager, tokens identical to eager)."""
     rows = []
     for r in results:
-        doc = r.get("result")
-        if r["stage"].startswith("bench-") and r["stage"] != "bench-ops":
-            plain = (doc or {}).get("plain", {}) if isinstance(doc, dict) else {}
-            rows.append({"stage": r["stage"], "status": r["status"], "model": (doc or {}).get("model"),
-                         "dtype": (doc or {}).get("dtype"), "decode_tokens_per_s": plain.get("decode_tokens_per_s"),
-                         "prefill_tokens_per_s": plain.get("prefill_tokens_per_s")})
+        if not r["stage"].startswith("bench-") or r["stage"] == "bench-ops":
+            continue
+        doc = r.get("result") if isinstance(r.get("result"), dict) else {}
+        base = {"stage": r["stage"], "status": r["status"], "model": doc.get("model"), "dtype": doc.get("dtype")}
+        variants = doc.get("step_compare") or {}
+        if variants:
+            rows += [{**base, "variant": name, "decode_tokens_per_s": v.get("decode_tokens_per_s"),
+                      "prefill_tokens_per_s": None, "speedup_vs_eager": v.get("speedup_vs_eager"),
+                      "tokens_equal_eager": v.get("tokens_equal_eager")} for name, v in variants.items()]
+        else:
+            plain = doc.get("plain") or {}
+            rows.append({**base, "variant": "eager" if plain else None,
+                         "decode_tokens_per_s": plain.get("decode_tokens_per_s"),
+                         "prefill_tokens_per_s": plain.get("prefill_tokens_per_s"), "speedup_vs_eager": None,
+                         "tokens_equal_eager": None})
     return rows
 
 
@@ -351,10 +378,12 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {a['name']} | >= {a['target']:g} | {f(a['value'], 2)} | {met} |")
         lines += ["", "Per-row numbers: bench-ops.md."]
     if report["e2e"]:
-        lines += ["", "## End-to-end bench (`deepport bench`)", "", "| stage | status | model | dtype | decode tok/s | "
-                  "prefill tok/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['stage']} | {r['status']} | {r['model'] or '-'} | {r['dtype'] or '-'} | "
-                  f"{f(r['decode_tokens_per_s'])} | {f(r['prefill_tokens_per_s'])} |" for r in report["e2e"]]
+        lines += ["", "## End-to-end bench (`deepport bench`)", "", "| stage | status | model | dtype | variant | "
+                  "decode tok/s | prefill tok/s | x eager | tokens = eager |", "|---|---|---|---|---|---|---|---|---|"]
+        same = {True: "yes", False: "**no**", None: "-"}
+        lines += [f"| {r['stage']} | {r['status']} | {r['model'] or '-'} | {r['dtype'] or '-'} | {r['variant'] or '-'} | "
+                  f"{f(r['decode_tokens_per_s'])} | {f(r['prefill_tokens_per_s'])} | {f(r['speedup_vs_eager'], 2)} | "
+                  f"{same[r['tokens_equal_eager']]} |" for r in report["e2e"]]
     return "\n".join(lines) + "\n"
 
 
@@ -427,12 +456,22 @@ def register(sub) -> None:
     p.set_defaults(fn=cmd_hardware_report)
 
 
-def _model_check_main(backend: str, json_path: str | None) -> int:
-    """The end-to-end model check alone (no op cases), all dtypes, --fallback error."""
-    from deepport.conformance import report as conformance_report
-    from deepport.conformance.runner import run
+def _model_check_main(backend: str, json_path: str | None, dtypes=("fp8", "bf16"), steps: int = 8) -> int:
+    """The end-to-end model check alone (no op cases), --fallback error, as a conformance report."""
+    import torch
 
-    rep = run(backend, tier="quick", dtypes=("fp8", "bf16"), ops=[], fallback="error", model_check=True)
+    from deepport.conformance import model_check
+    from deepport.conformance import report as conformance_report
+    from deepport.core import registry
+
+    b = registry.get_backend(backend) if backend not in (None, "auto") else registry.select(backend)
+    t0 = time.perf_counter()
+    results = model_check.run(b, dtypes=tuple(dtypes), steps=steps, fallback="error")
+    meta = {"dtypes": list(dtypes), "fallback": "error", "device": str(b.device()), "steps": steps,
+            "versions": {"torch": torch.__version__, "triton": _version("triton"), "deepport": _version("deepport")},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    rep = conformance_report.Report(b.name, b.evidence_label(), "model", results, [], meta)
     conformance_report.print_table(rep)
     if json_path:
         conformance_report.write_json(rep, json_path)
@@ -447,11 +486,13 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=("detect", "model-check"))
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dtypes", default="fp8,bf16", help="model-check: comma-separated dtypes")
+    ap.add_argument("--steps", type=int, default=8, help="model-check: greedy / sampled steps")
     a = ap.parse_args(argv)
     if a.what == "detect":
         print(json.dumps(detect(a.backend), default=str))
         return 0
-    return _model_check_main(a.backend, a.json)
+    return _model_check_main(a.backend, a.json, [d for d in a.dtypes.split(",") if d], a.steps)
 
 
 if __name__ == "__main__":
