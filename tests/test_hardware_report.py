@@ -46,10 +46,13 @@ def test_a_crash_and_a_hang_are_recorded_and_the_next_stage_runs(tmp_path):
 def test_out_of_budget_and_planned_skips_state_their_reason(tmp_path):
     stages = [hr.Stage("quick", [PY, "-c", "pass"], 60, 0.1),
               hr.Stage("needs-time", [PY, "-c", "pass"], 60, 3600),
-              hr.Stage("gpu-only", [PY, "-c", "pass"], 60, 0.1, skip="needs a GPU")]
-    res = hr.run_stages(stages, tmp_path, budget_s=120)
-    assert [r["status"] for r in res] == ["pass", "skipped", "skipped"]
+              hr.Stage("gpu-only", [PY, "-c", "pass"], 60, 0.1, skip="needs a GPU"),
+              hr.Stage("leaves-room", [PY, "-c", "pass"], 60, 5, reserve_s=100),
+              hr.Stage("bench", [PY, "-c", "pass"], 60, 5)]
+    res = hr.run_stages(stages, tmp_path, budget_s=102)
+    assert [r["status"] for r in res] == ["pass", "skipped", "skipped", "skipped", "pass"]
     assert "the stage needs at least 3600 s" in res[1]["reason"] and res[2]["reason"] == "needs a GPU"
+    assert "100 s of it kept for the benchmarks after it" in res[3]["reason"]
 
 
 def test_smoke_plan_covers_every_stage_and_a_gpu_plan_adds_the_step_comparison():
@@ -66,6 +69,7 @@ def test_smoke_plan_covers_every_stage_and_a_gpu_plan_adds_the_step_comparison()
     assert len(step) == 2 and not any(s.skip for s in gpu)
     assert "--compile" in step[0].argv and "--graphs" in step[0].argv
     assert all("--smoke" not in s.argv for s in gpu) and "full" in gpu[3].argv
+    assert all(s.reserve_s == hr.FULL_TIER_RESERVE_S for s in gpu if s.name.startswith("full-"))
 
 
 def test_summary_reads_eager_and_step_comparison_benches():
