@@ -17,10 +17,12 @@ def time_ms(fn, device: torch.device, smoke: bool = False, graph: bool = True) -
 
         if graph and not torch.version.hip:
             try:
-                return float(triton.testing.do_bench_cudagraph(fn, rep=50 if smoke else 100)), "cudagraph"
+                return float(triton.testing.do_bench_cudagraph(fn, rep=50 if smoke else 100,
+                                                               return_mode="median")), "cudagraph"
             except Exception:  # a host sync or an allocation the capture refuses: time it eagerly
                 torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=5 if smoke else 25, rep=20 if smoke else 100)), "do_bench"
+        return float(triton.testing.do_bench(fn, warmup=5 if smoke else 25, rep=20 if smoke else 100,
+                                             return_mode="median")), "do_bench"
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
