@@ -56,6 +56,6 @@ def cases(tier):
                 note="4096 draws; top_p 0.92 keeps a boundary token of 6.25% nucleus mass: a nucleus one short fails"),
            case("sample", "temperature_only", "bf16", tier, _distribution(4096, 16, 0.6, 1.0), compare="distribution",
                 note="temperature 0.6 with top_p 1 (the CLI's --temperature alone): chi-square fit to softmax(l / T)"),
-           case("sample", "seeded", "bf16", tier, _nucleus(64, v, 1.0, 0.95), compare="seeded",
+           case("sample", "seeded", "bf16", tier, _nucleus({"quick": 64, "full": 16}[tier], v, 1.0, 0.95), compare="seeded",
                 note="drawn three times: same seed -> same tokens, another seed -> other tokens")]
     return out
