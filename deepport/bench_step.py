@@ -1,9 +1,10 @@
 """`deepport bench --compile/--graphs`: decode tok/s eager vs compiled (vs captured), and the host-overhead share.
 
-Host overhead of a decode step, from torch.profiler: the share of the step's wall time covered by no op
-body, where an op body is any ATen op, deepport:: custom op or compiled (Inductor) kernel the profiler
-records; what is left is Python, module calls, argument packing and dispatch between ops. On an
-accelerator the device side runs asynchronously, so this is the time the host needs to issue a step.
+Host overhead of a decode step, from torch.profiler: the share of the step's wall time covered by no
+compute, where compute is any ATen op or compiled (Inductor) kernel the profiler records; what is left is
+Python (the model's modules, the backends' op functions, the deepport:: custom-op trampolines, guards) and
+dispatch between them. Eager and compiled steps are measured the same way. On an accelerator the device
+runs asynchronously, so this is the time the host needs to issue a step.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-_OP_PREFIXES = ("aten::", "deepport::", "cpp_fused", "triton_", "graph_", "cuda")
+_OP_PREFIXES = ("aten::", "cpp_fused", "triton_", "graph_", "cuda")
 
 
 def _is_op(name: str) -> bool:
