@@ -190,3 +190,16 @@ def test_bench_compare_transformers_runs_and_agrees():
         assert c[side]["decode_tokens_per_s"] > 0 and c[side]["prefill_tokens_per_s"] > 0
     w = c["weight_streaming"]
     assert w["read_bandwidth_bytes_per_s"] > 1e8 and w["decode_weight_bytes_per_step"] > 1e6
+
+
+def test_kmajor_copies_are_freed_with_the_model():
+    import gc
+
+    gc.collect()
+    before = cpu._layout_bytes[0]
+    m = deepport.load(backend="cpu")
+    m.generate_batch(["def f(x):\n", "def g(y):\n"], max_new_tokens=3)  # batched: M > 1 GEMMs make copies
+    assert cpu._layout_bytes[0] > before
+    del m
+    gc.collect()
+    assert cpu._layout_bytes[0] == before
