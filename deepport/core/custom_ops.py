@@ -294,15 +294,29 @@ def op_overload(op: str):
     return getattr(getattr(torch.ops, NAMESPACE), op).default
 
 
+def _fingerprint() -> str:
+    """A hash of this module and the contracts. It is part of every implementation key, a constant in each
+    compiled graph, so Inductor's on-disk graph cache never serves code built against older fake
+    implementations (whose output strides it asserts at run time)."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha1(Path(__file__).read_bytes() + Path(contracts.__file__).read_bytes()).hexdigest()[:10]
+
+
+FINGERPRINT = _fingerprint()
+
+
 def bind_impl(backend: str, op: str, fn: Callable) -> str:
     """Register `fn` as an implementation of deepport::<op>; returns its key (stable per function object)."""
     for key, f in _IMPLS.items():
         if f is fn and key.startswith(f"{backend}.{op}"):
             return key
-    key, n = f"{backend}.{op}", 1
+    base = f"{backend}.{op}@{FINGERPRINT}"
+    key, n = base, 1
     while key in _IMPLS:
         n += 1
-        key = f"{backend}.{op}#{n}"
+        key = f"{base}#{n}"
     _IMPLS[key] = fn
     return key
 
