@@ -68,6 +68,13 @@ def test_mtp_verify_and_prefill_have_no_graph_breaks_on_cpu_ref(ref32):
     _assert_no_breaks(ref32.transformer, decode_s=(2,), prefill=True)
 
 
+@pytest.mark.slow
+def test_fp8_decode_has_no_graph_breaks_on_cpu_ref():
+    """Fp8Weight crosses the op boundary as tensors plus plain fields, inside the graph."""
+    m = deepport.load(None, backend="cpu_ref", dtype="fp8", compile=True)
+    _assert_no_breaks(m.transformer, decode_s=(1,), prefill=False)
+
+
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """The package `deepport new-backend` writes, importable and discovered (no pip install)."""

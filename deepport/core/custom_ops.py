@@ -50,6 +50,10 @@ def _fp8_weight_fields() -> list[tuple[str, str]]:
     return out
 
 
+# Computed once at import: typing.get_type_hints inside a traced call would break the graph.
+_FP8_FIELDS = _fp8_weight_fields()
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """One contract parameter and how it crosses the op boundary."""
@@ -65,7 +69,7 @@ def _param(p: inspect.Parameter) -> Param:
     default = _MISSING if p.default is inspect.Parameter.empty else p.default
     q = "?" if optional else ""
     if Fp8Weight in members:
-        fields = _fp8_weight_fields()
+        fields = _FP8_FIELDS
         decl = (f"Tensor {p.name}",) + tuple(f"{t} {p.name}_{f}" for f, t in fields[1:])
         return Param(p.name, "weight", decl, default)
     if members == {torch.Tensor}:
@@ -133,7 +137,7 @@ def _flatten(s: Spec, values: list) -> list:
     for p, v in zip(s.params, values):
         if p.kind == "weight":
             if isinstance(v, Fp8Weight):
-                flat += [getattr(v, f) for f, _ in _fp8_weight_fields()]
+                flat += [getattr(v, f) for f, _ in _FP8_FIELDS]
             else:
                 flat += [v] + [None] * (len(p.schema) - 1)
         elif p.kind == "format":
@@ -156,7 +160,7 @@ def _unflatten(s: Spec, flat: tuple) -> list:
         i += n
         if p.kind == "weight":
             values.append(chunk[0] if chunk[1] is None else
-                          Fp8Weight(*chunk[:1], **{f: v for (f, _), v in zip(_fp8_weight_fields()[1:], chunk[1:])}))
+                          Fp8Weight(*chunk[:1], **{f: v for (f, _), v in zip(_FP8_FIELDS[1:], chunk[1:])}))
         elif p.kind == "format":
             values.append(None if chunk[0] is None else fp8_format(chunk[0]))
         elif p.kind == "handle":
