@@ -80,7 +80,7 @@ def register(sub) -> None:
     p.add_argument("--compare", choices=("transformers",), default=None,
                    help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")
     p.add_argument("--compile", action="store_true",
-                   help="decode tok/s eager vs torch.compile'd step (tokens compared) and each one's host-overhead share")
+                   help="decode tok/s eager vs the torch.compile'd step (tokens compared), host-overhead shares")
     p.add_argument("--graphs", action="store_true", help="also the step captured as CUDA/HIP graphs (cuda/rocm)")
     p.add_argument("--threads", type=cli_checks.positive_int, default=None, help="torch threads for the run (default: torch's)")
     p.set_defaults(fn=cmd_bench)

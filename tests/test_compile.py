@@ -203,7 +203,8 @@ def test_fake_impl_matches_real_shapes_and_dtypes(case):
         with mode:
             fake = _outs(op(**fake_inputs))
     # strides too: Inductor asserts a custom op's real output strides against the fake's
-    assert [(tuple(r.shape), r.dtype, r.stride()) for r in real] == [(tuple(f.shape), f.dtype, f.stride()) for f in fake]
+    layout = (lambda outs: [(tuple(o.shape), o.dtype, o.stride()) for o in outs])
+    assert layout(real) == layout(fake)
 
 
 # ---- compiled decode == eager decode ---------------------------------------------------------------------

@@ -161,8 +161,8 @@ class DecodeStep:
                         self._capture(key, input_ids, cache)
                     except Exception as e:  # noqa: BLE001 - reported; the step runs without graphs
                         self._no_graphs = True
-                        self._warn(f"graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                   f"decoding without device graphs")
+                        why = str(e).splitlines()[0] if str(e) else ""
+                        self._warn(f"graph capture failed ({type(e).__name__}: {why}); decoding without device graphs")
                         return self._eager_or_compiled(input_ids, cache)
                 graph, static_in, out = self._graphs[key]
                 static_in.copy_(input_ids)
