@@ -149,7 +149,9 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     elif args.fp8_block is not None and dtype != "fp8" and "fp8" not in b.dtypes:
         registry.warn(f"FP8 checkpoint served as {dtype} on backend {b.name!r} (no fp8 arithmetic here; "
                       f"weights dequantised once at load)")
-    table = registry.bind(b, fallback=fallback, custom_ops=compile or graphs)
+    # --compile: a traceable backend's torch ops are traced into the graph (Inductor fuses across them); any
+    # other backend's ops, and every op under --graphs, go through the opaque deepport:: custom ops
+    table = registry.bind(b, fallback=fallback, custom_ops=graphs or (compile and not b.traceable))
     dev = torch.device(device) if device else table.device
     if graphs and dev.type != "cuda":
         raise DeepportError(f"graphs=True (--graphs) captures CUDA/HIP graphs, but backend {b.name!r} runs on "

@@ -236,6 +236,31 @@ def test_inductor_compiled_tokens_equal_eager(dtype):
     torch._dynamo.reset()
 
 
+def test_compile_traces_a_traceable_backends_ops_and_wraps_the_others():
+    """cpu's ops are torch code Inductor can fuse across: --compile traces them; cpu_ref (like any plugin) keeps the
+    opaque deepport:: custom ops, and so does every backend under --graphs (checked in its refusal below)."""
+    from deepport.core import registry
+
+    assert registry.get_backend("cpu").traceable and not registry.get_backend("cpu_ref").traceable
+    m = deepport.load(None, backend="cpu", dtype="fp32", compile=True)
+    assert not m.table.custom_ops and "ops traced" in m.step.describe()
+    with torch.inference_mode():  # the S=1 step of the traced ops is one graph too
+        ids, cache = _decode_inputs(m.transformer, 2, 1)
+        assert graph_breaks(m.transformer.decode_step, ids, cache) == []
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # Inductor code generation of the traced cpu ops: about a minute per (bucket, S)
+def test_traced_cpu_compiled_tokens_equal_eager():
+    m = deepport.load(None, backend="cpu", dtype="fp32", compile=True)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        for mtp in (False, True):
+            want = _tokens(m, None, prompts, mtp)
+            assert _tokens(m, m.step, prompts, mtp) == want, (len(prompts), mtp)
+    assert m.step.report == []
+    torch._dynamo.reset()
+
+
 def test_graphs_need_a_cuda_device():
     with pytest.raises(deepport.DeepportError, match=r"\(--graphs\) captures CUDA/HIP graphs.*--compile works"):
         deepport.load(None, backend="cpu_ref", dtype="fp32", graphs=True)

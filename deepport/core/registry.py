@@ -52,6 +52,8 @@ class Backend:
     sources: Callable[[], dict] | None = None  # op -> what it runs (e.g. "torch_npu.npu_swiglu", "generic torch")
     compute_dtype: Callable[[], str] | None = None  # the dtype `--dtype auto` picks on this device (e.g. fp32
     #                                                 on a CPU without native bf16); None: checkpoint-driven
+    traceable: bool = False  # its ops are plain torch code torch.compile can trace: --compile inlines them, so
+    #                          Inductor fuses across ops (no opaque deepport:: custom ops; --graphs still wraps)
 
     def evidence_label(self) -> str:
         """How a conformance report labels results: interpreter, stand-in, reference or hardware: <device>."""
@@ -261,6 +263,7 @@ class OpTable:
     fp8: Fp8Format | None
     report: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # op -> what actually runs it
+    custom_ops: bool = False  # ops called through the deepport:: torch.library ops (bind(custom_ops=True))
 
     def __getattr__(self, name):  # only reached for unbound names
         raise BackendError(f"op {name!r} is not bound in backend {self.backend!r}; known ops: {', '.join(contracts.CONTRACTS)}")

@@ -176,7 +176,9 @@ class DecodeStep:
 
     def describe(self) -> str:
         """One line: how decode steps run."""
-        how = "compiled (torch.compile" + (", fullgraph" if self.fullgraph else "") + ")" if self.compile else "eager"
+        ops = "custom ops" if self.model.ops.custom_ops else "ops traced"
+        how = ("compiled (torch.compile" + (", fullgraph" if self.fullgraph else "") + f", {ops})" if self.compile
+               else "eager")
         if self.graphs:
             how += ", device graphs" + (" (capture failed: without)" if self._no_graphs else "")
         return how

@@ -55,4 +55,5 @@ BACKEND = Backend(
     evidence=_evidence,
     sources=_sources,
     compute_dtype=_compute_dtype,
+    traceable=True,  # --compile traces these torch ops into one Inductor graph (docs/compile.md, measured 1.7-2.1x)
 )
