@@ -7,6 +7,7 @@
 # Usage: bash scripts/wheel_check.sh   (from the CI venv: .venv activated)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+[ -n "${VIRTUAL_ENV:-}" ] || . "$ROOT/.venv/bin/activate"  # the CI venv (its setuptools builds the wheel)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/deepport-wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 PY="$(command -v python)"
