@@ -5,6 +5,7 @@ Each check raises ContractError naming the shapes it saw and the shapes the cont
 from __future__ import annotations
 
 from deepport.core.errors import ContractError
+from deepport.core.formats import is_fp8, scale_grid
 
 
 def mla_prefill(q, k, v, causal) -> None:
@@ -48,3 +49,15 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3) -> None:
     if w1.shape[-1] != d or w2.shape[-2] != d or w1.shape != w3.shape:
         raise ContractError(f"moe_experts: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)} must be [E, I, D={d}] and "
                             f"w2 {tuple(w2.shape)} [E, D, I]")
+
+
+def fp8_gemm(a, a_scale, b, b_scale) -> None:
+    m, k = a.shape
+    n = b.shape[0]
+    if not (is_fp8(a) and is_fp8(b)) or a.dtype != b.dtype:
+        raise ContractError(f"fp8_gemm: a and b must share one fp8 dtype, got {a.dtype} and {b.dtype}")
+    if k % 128 or b.shape[1] != k:
+        raise ContractError(f"fp8_gemm: K must match and be a multiple of 128; a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if tuple(a_scale.shape) != (m, k // 128) or tuple(b_scale.shape) != scale_grid(n, k):
+        raise ContractError(f"fp8_gemm: scales {tuple(a_scale.shape)} / {tuple(b_scale.shape)} do not match "
+                            f"a [M, K/128] = {(m, k // 128)} / b [ceil(N/128), K/128] = {scale_grid(n, k)}")

@@ -76,13 +76,7 @@ def weight_dequant(w, scale_inv, block=128, out_dtype=torch.bfloat16):
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     m, k = a.shape
     n = b.shape[0]
-    if not (is_fp8(a) and is_fp8(b)) or a.dtype != b.dtype:
-        raise ContractError(f"fp8_gemm: a and b must share one fp8 dtype, got {a.dtype} and {b.dtype}")
-    if k % 128 or b.shape[1] != k:
-        raise ContractError(f"fp8_gemm: K must match and be a multiple of 128; a {tuple(a.shape)}, b {tuple(b.shape)}")
-    if tuple(a_scale.shape) != (m, k // 128) or tuple(b_scale.shape) != scale_grid(n, k):
-        raise ContractError(f"fp8_gemm: scales {tuple(a_scale.shape)} / {tuple(b_scale.shape)} do not match "
-                            f"a [M, K/128] = {(m, k // 128)} / b [ceil(N/128), K/128] = {scale_grid(n, k)}")
+    preconditions.fp8_gemm(a, a_scale, b, b_scale)
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     kb = k // 128
     af = a.to(acc).view(m, kb, 128)
