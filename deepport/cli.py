@@ -84,6 +84,9 @@ def cmd_generate(a) -> int:
     s = r.stats
     line = (f"# prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s"
             f" ({len(r.tokens)} tokens)")
+    if m.step is not None and m.step.compile_s:
+        # a process's first compiled steps trace and generate code: this decode rate is not the steady one
+        line += " (includes compilation; steady-state rates: deepport bench --compile)"
     if "acceptance_rate" in s:
         line += f", MTP acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_forward']:.2f} tokens/forward"
     print(line, file=sys.stderr)
