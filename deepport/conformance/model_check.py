@@ -127,58 +127,44 @@ DECODE_SPLIT = ((16, 9), (13, 6))  # (tokens, prefilled) per row: ragged rows, 7
 DECODE_STEPS = (2, 1, 1, 1, 1, 1)  # one 2-token chunk (causal among new queries), then single tokens
 
 
-def decode_logits(t: Transformer, prompts) -> torch.Tensor:
-    """Each row prefilled on its own, then batched decode over a paged cache of 4-token blocks: [B, 7, V]."""
+def paged_logits(t: Transformer, prompts, split, steps) -> torch.Tensor:
+    """Each row prefilled on its own (split: (tokens, prefilled) per row), then batched forwards of `steps`
+    tokens each over a paged cache of 4-token blocks: logits [B, sum(steps), V]."""
     dev = t.embed.weight.device
-    cache = t.new_cache(len(prompts), max(n for n, _ in DECODE_SPLIT) + 1, block_size=4)
-    for r, (p, (_, k)) in enumerate(zip(prompts, DECODE_SPLIT)):
+    cache = t.new_cache(len(prompts), max(n for n, _ in split) + 1, block_size=4)
+    for r, (p, (_, k)) in enumerate(zip(prompts, split)):
         t(p[:k].view(1, -1).to(dev), cache, rows=[r])
-    rest = torch.stack([p[k:] for p, (_, k) in zip(prompts, DECODE_SPLIT)])
+    rest = torch.stack([p[k:] for p, (_, k) in zip(prompts, split)])
     outs, i = [], 0
-    for s in DECODE_STEPS:
+    for s in steps:
         outs.append(t.logits(t(rest[:, i:i + s].to(dev), cache)).float().cpu())
         i += s
     return torch.cat(outs, dim=1)
 
 
-def check_decode(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
-    """The backend's prefill-then-decode logits vs its own full prefill (DECODE_VS_PREFILL) and vs cpu_ref's decode."""
-    prompts = _prompts(got.args.vocab_size, [n for n, _ in DECODE_SPLIT])
-    decoded = decode_logits(got, prompts)
-    full = torch.stack([_full_logits(got, p)[k:] for p, (_, k) in zip(prompts, DECODE_SPLIT)])
-    own = compare_logits(decoded, full, DECODE_VS_PREFILL[dtype])
-    cross = compare_logits(decoded, decode_logits(ref, prompts), THRESHOLDS[dtype])
+def _check_paged(got: Transformer, ref: Transformer, dtype: str, split, steps, what: str) -> Outcome:
+    """Paged forwards vs the backend's own full prefill (DECODE_VS_PREFILL) and vs cpu_ref's same paged forwards."""
+    prompts = _prompts(got.args.vocab_size, [n for n, _ in split])
+    paged = paged_logits(got, prompts, split, steps)
+    full = torch.stack([_full_logits(got, p)[k:] for p, (_, k) in zip(prompts, split)])
+    own = compare_logits(paged, full, DECODE_VS_PREFILL[dtype])
+    cross = compare_logits(paged, paged_logits(ref, prompts, split, steps), THRESHOLDS[dtype])
     return Outcome(own.ok and cross.ok, max(own.max_abs, cross.max_abs), max(own.max_rel, cross.max_rel),
-                   f"vs own full prefill: {own.detail}; vs cpu_ref decode: {cross.detail}")
+                   f"vs own full prefill: {own.detail}; vs cpu_ref {what}: {cross.detail}")
+
+
+def check_decode(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
+    """Prefill then decode (one 2-token chunk, then single tokens) over ragged rows."""
+    return _check_paged(got, ref, dtype, DECODE_SPLIT, DECODE_STEPS, "decode")
 
 
 CHUNKED_SPLIT = ((16, 4), (13, 1))  # (tokens, first prefill) per row: 12 tokens left each, in the chunks below
 CHUNKS = (5, 7)  # S > 1 onto a non-empty cache: the chunked-prefill path (mla_decode with S new queries)
 
 
-def chunked_logits(t: Transformer, prompts) -> torch.Tensor:
-    """Each row prefilled on its own, then batched chunks of CHUNKS tokens over a paged cache: [B, 12, V]."""
-    dev = t.embed.weight.device
-    cache = t.new_cache(len(prompts), max(n for n, _ in CHUNKED_SPLIT) + 1, block_size=4)
-    for r, (p, (_, k)) in enumerate(zip(prompts, CHUNKED_SPLIT)):
-        t(p[:k].view(1, -1).to(dev), cache, rows=[r])
-    rest = torch.stack([p[k:] for p, (_, k) in zip(prompts, CHUNKED_SPLIT)])
-    outs, i = [], 0
-    for s in CHUNKS:
-        outs.append(t.logits(t(rest[:, i:i + s].to(dev), cache)).float().cpu())
-        i += s
-    return torch.cat(outs, dim=1)
-
-
 def check_chunked(got: Transformer, ref: Transformer, dtype: str) -> Outcome:
-    """Chunked prefill vs the backend's own full prefill (DECODE_VS_PREFILL) and vs cpu_ref's chunked prefill."""
-    prompts = _prompts(got.args.vocab_size, [n for n, _ in CHUNKED_SPLIT])
-    chunked = chunked_logits(got, prompts)
-    full = torch.stack([_full_logits(got, p)[k:] for p, (_, k) in zip(prompts, CHUNKED_SPLIT)])
-    own = compare_logits(chunked, full, DECODE_VS_PREFILL[dtype])
-    cross = compare_logits(chunked, chunked_logits(ref, prompts), THRESHOLDS[dtype])
-    return Outcome(own.ok and cross.ok, max(own.max_abs, cross.max_abs), max(own.max_rel, cross.max_rel),
-                   f"vs own full prefill: {own.detail}; vs cpu_ref chunked prefill: {cross.detail}")
+    """Chunked prefill (CHUNKS tokens at a time onto a non-empty cache)."""
+    return _check_paged(got, ref, dtype, CHUNKED_SPLIT, CHUNKS, "chunked prefill")
 
 
 def check_mtp(got: Transformer, ref: Transformer, dtype: str) -> Outcome:

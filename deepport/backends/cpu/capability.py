@@ -13,31 +13,29 @@ import functools
 import platform
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """Feature flags of the first CPU in /proc/cpuinfo (x86 `flags`, ARM `Features`); empty elsewhere."""
+def _cpuinfo(keys: tuple[str, ...]) -> str | None:
+    """The first non-empty value in /proc/cpuinfo under one of `keys` (lower case); None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip().lower() in ("flags", "features"):
-                    return frozenset(value.split())
+                if key.strip().lower() in keys and value.strip():
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """Feature flags of the first CPU in /proc/cpuinfo (x86 `flags`, ARM `Features`); empty elsewhere."""
+    return frozenset((_cpuinfo(("flags", "features")) or "").split())
 
 
 @functools.lru_cache(maxsize=1)
 def model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "cpu model", "hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return (_cpuinfo(("model name", "cpu model", "hardware")) or platform.processor() or platform.machine()
+            or "unknown CPU")
 
 
 def isa() -> str:
