@@ -192,6 +192,36 @@ def test_bench_compare_transformers_runs_and_agrees():
     assert w["read_bandwidth_bytes_per_s"] > 1e8 and w["decode_weight_bytes_per_step"] > 1e6
 
 
+def test_derived_weights_do_not_keep_their_weight_alive_and_follow_updates():
+    """rms_norm's doubled weight and moe_experts' per-expert views live on the weight: gone with it (no
+    reference cycle through a view's base), remade after an in-place change."""
+    import weakref
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, 64, generator=g)
+    w = torch.randn(64, generator=g)
+    alive = weakref.ref(w)
+    a = cpu.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(a, ref.rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    w.mul_(2.0)  # the cached [w ; w] must follow
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    del w
+    assert alive() is None
+
+    e, i, d = 4, 8, 64
+    w1, w3, w2 = (torch.randn(*shape, generator=g) / 8 for shape in ((e, i, d), (e, i, d), (e, d, i)))
+    xs = torch.randn(1, d, generator=g)
+    ids, wts = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
+    refs = [weakref.ref(t) for t in (w1, w2, w3)]
+    y = cpu.moe_experts(xs, wts, ids, w1, w2, w3)
+    torch.testing.assert_close(y, ref.moe_experts(xs, wts, ids, w1, w2, w3), rtol=1e-5, atol=1e-6)
+    w2[2].add_(1.0)
+    torch.testing.assert_close(cpu.moe_experts(xs, wts, ids, w1, w2, w3),
+                               ref.moe_experts(xs, wts, ids, w1, w2, w3), rtol=1e-5, atol=1e-6)
+    del w1, w2, w3
+    assert all(r() is None for r in refs)
+
+
 def test_kmajor_copies_are_freed_with_the_model():
     import gc
 

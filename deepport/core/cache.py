@@ -27,6 +27,7 @@ class PagedLatentCache:
         n_blocks += 1
         self.kv = [torch.zeros(n_blocks, block_size, kv_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.pe = [torch.zeros(n_blocks, block_size, pe_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._flat = [(k.view(-1, kv_dim), p.view(-1, pe_dim)) for k, p in zip(self.kv, self.pe)]  # slot-major views
         self.block_table = torch.full((batch, self.max_blocks), self.scratch, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.lens = [0] * batch
@@ -63,8 +64,10 @@ class PagedLatentCache:
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         """Store kv [b, s, C] and pe [b, s, R] at the given slots [b, s]."""
         flat = slots.flatten()
-        self.kv[layer].view(-1, self.kv[layer].shape[-1])[flat] = kv.reshape(-1, kv.shape[-1]).to(self.kv[layer].dtype)
-        self.pe[layer].view(-1, self.pe[layer].shape[-1])[flat] = pe.reshape(-1, pe.shape[-1]).to(self.pe[layer].dtype)
+        kv_pool, pe_pool = self._flat[layer]
+        kv, pe = kv.reshape(-1, kv.shape[-1]), pe.reshape(-1, pe.shape[-1])
+        kv_pool[flat] = kv if kv.dtype == kv_pool.dtype else kv.to(kv_pool.dtype)
+        pe_pool[flat] = pe if pe.dtype == pe_pool.dtype else pe.to(pe_pool.dtype)
 
     def index(self, rows: list[int]):
         """`rows` as an index into the device tensors: a slice when contiguous, else a device tensor made once."""

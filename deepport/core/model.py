@@ -120,13 +120,14 @@ class MLA(nn.Module):
         self._absorbed = None
 
     def absorbed(self, dtype):
-        """W_UK [H, nope, C] and W_UV [H, v, C] from wkv_b, dequantised once (recomputed when training)."""
+        """W_UK [H, nope, C] and W_UV^T [H, C, v] (contiguous) from wkv_b, dequantised once (recomputed when
+        training): the two batched GEMMs of absorbed decode."""
         if torch.compiler.is_compiling() and self._absorbed is not None and self._absorbed[0][2] == dtype:
             return self._absorbed[1], self._absorbed[2]  # warmed before compiling (core/step.py); no data_ptr
         key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, dtype)
         if self._absorbed is None or self._absorbed[0] != key or self.wkv_b.weight.requires_grad:
             w = self.wkv_b.dense(dtype).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-            self._absorbed = (key, w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:])
+            self._absorbed = (key, w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous())
         return self._absorbed[1], self._absorbed[2]
 
     def forward(self, x, ctx: AttnContext):
@@ -134,11 +135,12 @@ class MLA(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(b, s, self.n_heads, self.qk_head_dim)  # q: [B, S, H, nope + rope]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = self.ops.rope(q_pe, ctx.cos, ctx.sin)
         kv = self.wkv_a(x)  # [B, S, C + R]
         c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c = self.kv_norm(c)  # the norm covers the latent only, never k_pe
-        k_pe = self.ops.rope(k_pe.unsqueeze(2), ctx.cos, ctx.sin)  # [B, S, 1, R], one head shared by all
+        # one rope call rotates the H query heads and the one key head shared by all (k_pe: [B, S, 1, R])
+        q_pe, k_pe = self.ops.rope(torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin).split(
+            [self.n_heads, 1], dim=2)
         if ctx.cache is not None:
             ctx.cache.write(self.layer_id, ctx.slots, c, k_pe.squeeze(2))
         if ctx.fresh:
@@ -147,11 +149,13 @@ class MLA(nn.Module):
             k = torch.cat((k_nope, k_pe.expand(-1, -1, self.n_heads, -1)), dim=-1)
             o = self.ops.mla_prefill(torch.cat((q_nope, q_pe), dim=-1), k, v, True, self.softmax_scale)
         else:
-            w_uk, w_uv = self.absorbed(x.dtype)
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, H, C]
+            w_uk, w_uv_t = self.absorbed(x.dtype)  # [H, nope, C], [H, C, v]
+            heads_first = q_nope.reshape(b * s, self.n_heads, -1).transpose(0, 1)  # [H, B*S, nope]
+            q_latent = torch.bmm(heads_first, w_uk).transpose(0, 1).reshape(b, s, self.n_heads, -1)  # [B, S, H, C]
             o_latent = self.ops.mla_decode(q_latent, q_pe, ctx.cache.kv[self.layer_id], ctx.cache.pe[self.layer_id],
                                            ctx.block_table, ctx.seq_lens, self.softmax_scale)
-            o = torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # [B, S, H, v]
+            o = torch.bmm(o_latent.reshape(b * s, self.n_heads, -1).transpose(0, 1), w_uv_t)  # [H, B*S, v]
+            return self.wo(o.transpose(0, 1).reshape(b, s, -1))
         return self.wo(o.flatten(2))
 
 

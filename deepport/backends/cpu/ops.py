@@ -34,11 +34,46 @@ def rms_norm(x, weight, eps, residual=None):
         raise ContractError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if x.dtype == F32:
         r = x if residual is None else x + residual
-        y = F.rms_norm(r, (d,), weight if weight.dtype == F32 else weight.float(), eps)
+        y = _rms_by_layer_norm(r, weight, eps)
         return y if residual is None else (y, r)
     r = x if residual is None else (x.float() + residual.float()).to(x.dtype)  # r rounded once, after the fp32 add
     y = F.rms_norm(r.float(), (d,), weight.float(), eps).to(x.dtype)
     return y if residual is None else (y, r)
+
+
+def _derived(w, tag: str, make):
+    """make(w), kept on w itself (freed with it) and remade after an in-place change of w; never kept for a
+    weight that needs grad or while torch.compile traces (then made per call)."""
+    if w.requires_grad or torch.compiler.is_compiling():
+        return make(w)
+    v = _version(w)
+    hit = w.__dict__.get(tag)
+    if hit is not None and hit[0] == v:
+        return hit[1]
+    out = make(w)
+    setattr(w, tag, (v, out))
+    return out
+
+
+def _doubled(w):
+    wf = w if w.dtype == F32 else w.float()
+    return torch.cat((wf, wf))
+
+
+def _unbound(w):
+    """w's per-expert views, taken from a detached alias: views of w itself would keep w alive from its own
+    __dict__ (a reference cycle through C++ that the garbage collector cannot see)."""
+    return w.detach().unbind(0)
+
+
+def _rms_by_layer_norm(r, weight, eps):
+    """RMSNorm of fp32 r through torch's fused layer_norm kernel: [r ; -r] has mean 0 (up to rounding of the
+    sum, ~1e-7 relative, which enters squared) and variance mean(r^2), so layer_norm([r ; -r]) * [w ; w] holds
+    rms_norm(r) * w in its first half. One fused kernel and a cat instead of F.rms_norm's CPU composite of ~10
+    ops (5 vs 8 us alone; docs/performance.md has the step). The result is a view (row stride 2D)."""
+    d = r.shape[-1]
+    w2 = _derived(weight, "_deepport_doubled", _doubled)
+    return F.layer_norm(torch.cat((r, -r), dim=-1), (2 * d,), w2, None, eps)[..., :d]
 
 
 _ROT = [None, None, None]  # (cos, sin, complex rotation): every layer's two rope calls share one pair
@@ -243,7 +278,7 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
     preconditions.moe_gate(e, n_groups, topk_groups, topk)
     xf = x if x.dtype == F32 else x.float()
     scores = torch.sigmoid(F.linear(xf, weight if weight.dtype == F32 else weight.float()))  # [M, E]
-    biased = scores + bias.float()
+    biased = scores + (bias if bias.dtype == F32 else bias.float())
     if n_groups > 1:
         grouped = biased.view(m, n_groups, -1)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # top-2 sum per group
@@ -275,7 +310,9 @@ def _swiglu(gate, up):
 def _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3):
     """M = 1: y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x), one expert at a time, fp32 accumulation."""
     y = None
-    for e, wt in zip(topk_ids[0].tolist(), topk_weights[0].tolist()):
+    # per-expert views made once per stacked weight: indexing w[e] would be one more op per GEMV
+    w1, w2, w3 = (_derived(w, "_deepport_experts", _unbound) for w in (w1, w2, w3))
+    for e, wt in zip(topk_ids.view(-1).tolist(), topk_weights.view(-1).tolist()):
         if e < 0:
             continue
         o = F.linear(_swiglu(F.linear(x, w1[e]), F.linear(x, w3[e])), w2[e])
@@ -340,5 +377,8 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
 def silu_mul(x):
     if x.shape[-1] % 2:
         raise ContractError(f"silu_mul: last dim {x.shape[-1]} must be even ([gate ; up])")
-    g, u = (x if x.dtype == F32 else x.float()).chunk(2, dim=-1)
+    if x.dtype == F32:
+        g, u = x.chunk(2, dim=-1)
+        return F.silu(g).mul_(u)
+    g, u = x.float().chunk(2, dim=-1)
     return (F.silu(g) * u).to(x.dtype)
