@@ -1,9 +1,10 @@
 """`deepport bench`: generation throughput (with and without MTP) of a model on a backend."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
+
+from deepport import json_out
 
 
 def bench_generate(model, prompts, max_new_tokens: int, repeats: int, mtp: bool) -> dict:
@@ -33,7 +34,8 @@ def cmd_bench(a) -> int:
 
         report["threads"] = torch.get_num_threads()
         report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats)
-        print(json.dumps(report, indent=2)) if a.json else bench_compare.print_comparison(report)
+        json_out.emit_json(report, a.json)
+        bench_compare.print_comparison(report)
         return 0
     if a.compile or a.graphs:  # eager vs compiled (vs graphs), host-overhead share: deepport/bench_step.py
         from deepport import bench_step
@@ -43,7 +45,8 @@ def cmd_bench(a) -> int:
                 a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback, compile=compile, graphs=graphs)
 
         report["step_compare"] = bench_step.compare(load, prompts, a.max_new_tokens, a.repeats, a.graphs)
-        print(json.dumps(report, indent=2)) if a.json else bench_step.print_report(report)
+        json_out.emit_json(report, a.json)
+        bench_step.print_report(report)
         return 0
     print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}, {a.max_new_tokens} new tokens",
           file=sys.stderr)
@@ -51,15 +54,13 @@ def cmd_bench(a) -> int:
     if a.mtp and m.args.n_mtp_layers:
         report["mtp"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=True)
         report["mtp_speedup"] = report["mtp"]["decode_tokens_per_s"] / max(report["plain"]["decode_tokens_per_s"], 1e-9)
-    if a.json:
-        print(json.dumps(report, indent=2))
-    else:
-        p = report["plain"]
-        print(f"plain: decode {p['decode_tokens_per_s']:.1f} tok/s, prefill {p['prefill_tokens_per_s']:.1f} tok/s")
-        if "mtp" in report:
-            q = report["mtp"]
-            print(f"mtp:   decode {q['decode_tokens_per_s']:.1f} tok/s, acceptance {q['acceptance_rate']:.2f}, "
-                  f"{q['tokens_per_forward']:.2f} tokens/forward, speed-up {report['mtp_speedup']:.2f}x")
+    json_out.emit_json(report, a.json)
+    p = report["plain"]
+    print(f"plain: decode {p['decode_tokens_per_s']:.1f} tok/s, prefill {p['prefill_tokens_per_s']:.1f} tok/s")
+    if "mtp" in report:
+        q = report["mtp"]
+        print(f"mtp:   decode {q['decode_tokens_per_s']:.1f} tok/s, acceptance {q['acceptance_rate']:.2f}, "
+              f"{q['tokens_per_forward']:.2f} tokens/forward, speed-up {report['mtp_speedup']:.2f}x")
     return 0
 
 
@@ -76,7 +77,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=cli_checks.positive_int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=cli_checks.positive_int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    json_out.add_json_argument(p)
     p.add_argument("--compare", choices=("transformers",), default=None,
                    help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")
     p.add_argument("--compile", action="store_true",

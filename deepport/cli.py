@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from deepport import cli_checks
+from deepport import cli_checks, json_out
 from deepport.core.errors import DeepportError
 
 
@@ -35,9 +34,7 @@ def cmd_backends(a) -> int:
         elif isinstance(b.fp8_format, str):
             row["fp8_format"] = b.fp8_format
         rows.append(row)
-    if a.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+    json_out.emit_json(rows, a.json)
     print(f"{'backend':<10} {'status':<11} {'device':<7} {'dtypes':<15} {'fp8':<9} {'origin':<8} ops (native/composite/fallback)")
     for r in rows:
         ops = r.get("ops")
@@ -66,11 +63,9 @@ def cmd_generate(a) -> int:
         distributed.shutdown()
     if not m.is_rank0:  # under torchrun every rank holds the same tokens; rank 0 prints
         return 0
-    if a.json:
-        print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats, "backend": m.backend,
-                          "dtype": m.dtype, "served_as": m.served_as, "model": str(m.path),
-                          "parallel": {"tp": a.tp, "ep": a.ep}}))
-        return 0
+    json_out.emit_json({"text": r.text, "tokens": r.tokens, "stats": r.stats, "backend": m.backend,
+                        "dtype": m.dtype, "served_as": m.served_as, "model": str(m.path),
+                        "parallel": {"tp": a.tp, "ep": a.ep}}, a.json, indent=None)
     fallbacks = [op for op, how in m.op_report().items() if how == "fallback"]
     print(f"# backend {m.backend}, dtype {m.dtype}, model {m.path}", file=sys.stderr)
     if fallbacks:
@@ -108,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=cli_checks.Parser)
 
     p = sub.add_parser("backends", help="list discovered backends and whether they are available")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    json_out.add_json_argument(p, "the list of backends")
     p.set_defaults(fn=cmd_backends)
 
     p = sub.add_parser("generate", help="generate text (default: the embedded tiny model)")
@@ -127,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step (docs/compile.md)")
     p.add_argument("--graphs", action="store_true", help="capture decode steps as CUDA/HIP graphs (cuda/rocm)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    json_out.add_json_argument(p, "text, tokens and stats")
     p.add_argument("--tp", type=cli_checks.positive_int, default=1,
                    help="tensor-parallel ranks (run under torchrun; docs/parallel.md)")
     p.add_argument("--ep", type=cli_checks.positive_int, default=1,
@@ -163,7 +158,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return a.fn(a)
+        with json_out.stdout_reserved(getattr(a, "json", None)):
+            return a.fn(a)
     except DeepportError as e:
         print(f"deepport: error: {e}", file=sys.stderr)
         return 2

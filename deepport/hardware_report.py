@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from deepport import json_out
 from deepport.bench_ops.harness import cpu_model
 
 # The full tier's ops, cheapest first (elementwise, then routing and GEMMs, then attention and experts at V3 dims).
@@ -443,6 +444,7 @@ def cmd_hardware_report(a) -> int:
             "--output", str(a.output)] + (["--smoke"] if a.smoke else []) + (["--stages", a.stages] if a.stages else [])
     report, out_dir = run_report(a.backend, a.budget_s, a.output, a.smoke, only,
                                  echo=lambda s: print(s, file=sys.stderr, flush=True), command=shlex.join(argv))
+    json_out.emit_json(report, a.json, indent=1, default=str)
     print((out_dir / "summary.md").read_text())
     print(f"wrote {out_dir}", file=sys.stderr)
     return 0 if report["counts"]["fail"] + report["counts"]["error"] + report["counts"]["timeout"] == 0 else 1
@@ -459,6 +461,7 @@ def register(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes everywhere (CI / interpreter); timings meaningless")
     p.add_argument("--stages", default=None, help="comma-separated stage names or prefixes (default: all), "
                                                   "e.g. backends,conformance-quick,full,bench-ops")
+    json_out.add_json_argument(p, "the report (as DIR/<device>-<date>/report.json)")
     p.set_defaults(fn=cmd_hardware_report)
 
 
@@ -491,14 +494,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepport.hardware_report")
     ap.add_argument("what", choices=("detect", "model-check"))
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--json", default=None)
+    json_out.add_json_argument(ap, "model-check: the conformance report")
     ap.add_argument("--dtypes", default="fp8,bf16", help="model-check: comma-separated dtypes")
     ap.add_argument("--steps", type=int, default=8, help="model-check: greedy / sampled steps")
     a = ap.parse_args(argv)
-    if a.what == "detect":
-        print(json.dumps(detect(a.backend), default=str))
-        return 0
-    return _model_check_main(a.backend, a.json, [d for d in a.dtypes.split(",") if d], a.steps)
+    with json_out.stdout_reserved(a.json):
+        if a.what == "detect":  # its stdout is the JSON document, with or without --json
+            json_out.emit_json(detect(a.backend), a.json or json_out.STDOUT, indent=None, default=str)
+            return 0
+        return _model_check_main(a.backend, a.json, [d for d in a.dtypes.split(",") if d], a.steps)
 
 
 if __name__ == "__main__":

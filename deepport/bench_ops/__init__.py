@@ -10,11 +10,12 @@ the Triton interpreter or with --smoke they are labelled meaningless.
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
+
+from deepport import json_out
 
 OPS = ("fp8_gemm", "mla_decode", "moe_experts")
 NEEDS = {"fp8_gemm": ("fp8",), "mla_decode": ("bf16",), "moe_experts": ()}  # dtypes the backend must declare
@@ -157,10 +158,7 @@ def cmd_bench_ops(a) -> int:
 
     report = run(a.backend, ops, a.smoke, progress)
     text = markdown(report)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
-        print(f"wrote {a.json}", file=sys.stderr)
+    json_out.emit_json(report, a.json, indent=1, default=str)
     if a.markdown:
         with open(a.markdown, "w") as fh:
             fh.write(text + "\n")
@@ -176,6 +174,6 @@ def register(bench_parser) -> None:
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
     p.add_argument("--op", default=None, help=f"comma-separated ({', '.join(OPS)}; default all)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CI / interpreter): checks wiring, not speed")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report")
+    json_out.add_json_argument(p)
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown tables")
     p.set_defaults(fn=cmd_bench_ops)

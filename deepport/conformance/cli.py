@@ -35,7 +35,11 @@ def cmd_conformance(a) -> int:
     if a.list:
         from deepport.conformance.cases import all_cases
 
-        for c in all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,) if a.dtype != "fp32" else ()):
+        from deepport import json_out
+
+        cases = all_cases(a.tier, _ops(a.ops), None if a.dtype == "all" else (a.dtype,) if a.dtype != "fp32" else ())
+        json_out.emit_json([{"name": c.name, "op": c.op, "dtype": c.dtype, "note": c.note} for c in cases], a.json)
+        for c in cases:
             print(f"{c.name:<40} {c.op:<15} {c.dtype:<5} {c.note}")
         return 0
     from deepport.core import distributed
@@ -43,7 +47,7 @@ def cmd_conformance(a) -> int:
 
     from deepport import cli_checks
 
-    for path, flag in ((a.json, "--json"), (a.junit, "--junit"), (a.markdown, "--markdown")):
+    for path, flag in ((a.junit, "--junit"), (a.markdown, "--markdown")):  # --json FILE: checked at parse time
         cli_checks.check_writable(path, flag)  # now, not after a long run
     backend = registry.select(a.backend) if a.backend in (None, "auto") else registry.get_backend(a.backend)
     dtypes = ("fp8", "bf16", "fp32") if a.dtype == "all" else (a.dtype,)
@@ -60,7 +64,8 @@ def cmd_conformance(a) -> int:
     if distributed.env_rank()[0] != 0:  # under torchrun rank 0 reports (every rank ran the same checks)
         return rep.exit_code
     report.print_table(rep)
-    for path, write in ((a.json, report.write_json), (a.junit, report.write_junit), (a.markdown, report.write_markdown)):
+    report.write_json(rep, a.json)
+    for path, write in ((a.junit, report.write_junit), (a.markdown, report.write_markdown)):
         if path:
             write(rep, path)
             print(f"wrote {path}", file=sys.stderr)
@@ -88,7 +93,7 @@ def _ops(text):
 
 
 def register(sub) -> None:
-    from deepport import cli_checks
+    from deepport import cli_checks, json_out
 
     p = sub.add_parser("conformance", help="check a backend op by op against cpu_ref; exit 0 only when nothing fails")
     p.add_argument("--backend", default="auto", help="backend name (default: DEEPPORT_BACKEND, else auto)")
@@ -100,7 +105,7 @@ def register(sub) -> None:
     p.add_argument("--ops", default=None, help="comma-separated op names (default: every contract)")
     p.add_argument("--fallback", default="reference", choices=("reference", "error"),
                    help="ops the backend lacks run cpu_ref code and report `fallback` (reference) or fail (error)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report (docs/conformance.md)")
+    json_out.add_json_argument(p, "the report (schema: docs/conformance.md)")
     p.add_argument("--junit", default=None, metavar="FILE", help="write JUnit XML for CI")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown capability matrix")
     p.add_argument("--model-check", action="store_true", help="add the end-to-end checks on the tiny checkpoint")

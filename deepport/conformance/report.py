@@ -6,7 +6,6 @@ summary{pass, fail, xfail, skip, fallback, total}, policy[...], results[CaseResu
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import xml.etree.ElementTree as ET
@@ -69,9 +68,10 @@ def _num(v) -> str:
 
 
 def write_json(report: Report, path) -> None:
-    with open(path, "w") as f:
-        json.dump(report.to_dict(), f, indent=2, allow_nan=False)
-        f.write("\n")
+    """The JSON report to `path` (atomically), or on stdout when path is "-" (the --json convention)."""
+    from deepport import json_out
+
+    json_out.emit_json(report.to_dict(), path, allow_nan=False)
 
 
 def print_table(report: Report, file=None) -> None:

@@ -157,6 +157,22 @@ def commit_dir(tmp: Path, dst: Path) -> Path:
     return dst
 
 
+def write_text(dst: str | Path, text: str) -> Path:
+    """Replace the small file `dst` (a report) atomically: written to a temporary sibling, then renamed over
+    dst, so a reader sees the old file or the new one, never half of either. Overwrites, as reports do."""
+    dst = Path(dst)
+    clean_stale(dst)
+    tmp = _new_sibling(dst, TMP_TAG)
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
 @contextmanager
 def staged_dir(dst: str | Path, *, force: bool = False, sources=(), what: str = "output"):
     """Yield a fresh temporary directory beside `dst`; on success it replaces dst as a whole, on any

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from deepport import json_out
+
 # name -> GPUTarget(backend, arch, warp size)
 TARGETS = {"cuda:80": ("cuda", 80, 32), "cuda:89": ("cuda", 89, 32), "cuda:90": ("cuda", 90, 32),
            "cuda:100": ("cuda", 100, 32), "hip:gfx942": ("hip", "gfx942", 64), "hip:gfx950": ("hip", "gfx950", 64)}
@@ -259,8 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", type=int, help="config indices (--launch; default: all)")
     ap.add_argument("--cache", default=None, metavar="DIR",
                     help="--launch: reuse results of identical compiles (kernel source, config, target, triton)")
-    ap.add_argument("--json", default=None, metavar="FILE", help="--launch: also write the results to FILE "
-                    "(docs/backends/launch_limits.json)")
+    json_out.add_json_argument(ap, "--launch: the launch table (docs/backends/launch_limits.json)")
     ap.add_argument("--markdown", default=None, metavar="FILE", help="--launch: write the table of what launches "
                     "where (docs/backends/launch_limits.md)")
     args = ap.parse_args(argv)
@@ -269,23 +270,25 @@ def main(argv=None) -> int:
         return 2
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v's report (registers, spills) comes back on stdout
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a Triton cache hit would skip ptxas and lose that report
-    if args.launch:
-        results = run_launch(args.target or sorted(TARGETS), args.op, args.config,
-                             Path(args.cache) if args.cache else None)
-        good = launch_good(results)
-        if args.json or args.markdown:
-            from deepport.kernels import launch_table
+    if args.json and not args.launch:
+        ap.error("--json writes the launch table: add --launch")
+    with json_out.stdout_reserved(args.json):  # a bare --json: the table alone on stdout, the results on stderr
+        if args.launch:
+            results = run_launch(args.target or sorted(TARGETS), args.op, args.config,
+                                 Path(args.cache) if args.cache else None)
+            good = launch_good(results)
+            if args.json or args.markdown:
+                from deepport.kernels import launch_table
 
-            doc = launch_table.document(results)
-            if args.json:
-                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-            if args.markdown:
-                Path(args.markdown).write_text(launch_table.markdown(doc))
-    else:
-        results = run(args.target or SPEC_TARGETS, args.module)
-        good = all(r["ok"] and all(r.get("expect", {}).values()) and not any(r.get("forbid", {}).values())
-                   for r in results.values())
-    print(json.dumps(results, indent=1))
+                doc = launch_table.document(results)
+                json_out.emit_json(doc, args.json, indent=1)
+                if args.markdown:
+                    Path(args.markdown).write_text(launch_table.markdown(doc))
+        else:
+            results = run(args.target or SPEC_TARGETS, args.module)
+            good = all(r["ok"] and all(r.get("expect", {}).values()) and not any(r.get("forbid", {}).values())
+                       for r in results.values())
+        print(json.dumps(results, indent=1))
     return 0 if good else 1
 
 

@@ -1,8 +1,7 @@
 """`deepport export-onnx`: write the prefill graph (or one decode step) as ONNX with deepport-domain functions."""
 from __future__ import annotations
 
-import json
-
+from deepport import json_out
 from deepport.core.errors import DeepportError
 
 
@@ -37,13 +36,11 @@ def cmd_export_onnx(a) -> int:
                "source": t.source, "inputs": [i.name for i in m.graph.input],
                "outputs": [o.name for o in m.graph.output], "deepport_nodes": dict(sorted(nodes.items())),
                "external_data": (out.parent / (out.name + ".data")).is_file(), "checker": "full_check passed"}
-    if a.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"wrote {out} ({summary['graph']}, {a.dtype}, from {t.source}); onnx.checker full_check passed")
-        print(f"inputs: {', '.join(summary['inputs'][:6])}{' ...' if len(summary['inputs']) > 6 else ''}")
-        print(f"outputs: {', '.join(summary['outputs'][:6])}{' ...' if len(summary['outputs']) > 6 else ''}")
-        print("deepport nodes: " + ", ".join(f"{k} x{v}" for k, v in summary["deepport_nodes"].items()))
+    json_out.emit_json(summary, a.json)
+    print(f"wrote {out} ({summary['graph']}, {a.dtype}, from {t.source}); onnx.checker full_check passed")
+    print(f"inputs: {', '.join(summary['inputs'][:6])}{' ...' if len(summary['inputs']) > 6 else ''}")
+    print(f"outputs: {', '.join(summary['outputs'][:6])}{' ...' if len(summary['outputs']) > 6 else ''}")
+    print("deepport nodes: " + ", ".join(f"{k} x{v}" for k, v in summary["deepport_nodes"].items()))
     return 0
 
 
@@ -62,6 +59,6 @@ def register(sub) -> None:
     p.add_argument("--block-size", type=cli_checks.positive_int, default=16, help="cache block size used for the trace (any works after)")
     p.add_argument("--external-data", action="store_true",
                    help="weights in FILE.data beside the model (automatic above 1 GiB of weights)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    json_out.add_json_argument(p, "a summary (inputs, outputs, deepport nodes)")
     p.add_argument("--force", action="store_true", help="replace an existing FILE (and its FILE.data)")
     p.set_defaults(fn=cmd_export_onnx)
