@@ -9,6 +9,7 @@ contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU has nativ
 from __future__ import annotations
 
 import os
+import struct
 import weakref
 
 import torch
@@ -273,12 +274,42 @@ def _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s):
     return out.view(b, s, h, c)
 
 
+def _f32(v: float) -> float:
+    """v rounded to the nearest fp32 value (what an fp32 add of two fp32 values gives: their double sum is exact)."""
+    return _F32_STRUCT.unpack(_F32_STRUCT.pack(v))[0]
+
+
+_F32_STRUCT = struct.Struct("f")
+
+
+def _route_one_token(scores, biased, n_groups, topk_groups, topk):
+    """The expert ids of one token chosen on the host (batch-1 decode: ~15 small torch calls cost more than
+    sorting E floats in Python). Same selection as the torch path: fp32 group sums, ties to the lower index."""
+    b = biased.view(-1).tolist()
+    e = len(b)
+    allowed = range(e)
+    if n_groups > 1:
+        g = e // n_groups
+        sums = []
+        for i in range(n_groups):
+            top = sorted(b[i * g:(i + 1) * g], reverse=True)[:2]
+            sums.append(_f32(top[0] + top[1]) if len(top) == 2 else top[0])
+        keep = sorted(range(n_groups), key=lambda i: (-sums[i], i))[:topk_groups]
+        allowed = [j for i in sorted(keep) for j in range(i * g, (i + 1) * g)]
+    ids = sorted(allowed, key=lambda j: (-b[j], j))[:topk]
+    return torch.tensor([ids], dtype=torch.long, device=scores.device)
+
+
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
     m, e = x.shape[0], weight.shape[0]
     preconditions.moe_gate(e, n_groups, topk_groups, topk)
     xf = x if x.dtype == F32 else x.float()
     scores = torch.sigmoid(F.linear(xf, weight if weight.dtype == F32 else weight.float()))  # [M, E]
     biased = scores + (bias if bias.dtype == F32 else bias.float())
+    if m == 1 and not torch.compiler.is_compiling():
+        ids = _route_one_token(scores, biased, n_groups, topk_groups, topk)
+        w = scores.gather(1, ids)
+        return (w * (route_scale / w.sum(-1, keepdim=True)) if norm_topk_prob else w * route_scale), ids
     if n_groups > 1:
         grouped = biased.view(m, n_groups, -1)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # top-2 sum per group
@@ -343,11 +374,12 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat.clamp(min=-1) + 1, minlength=w1.shape[0] + 1).tolist()
     tok = order // k
-    xs = x[tok]
-    wsorted = topk_weights.flatten()[order].float().unsqueeze(-1)
+    ws = topk_weights.flatten()[order]
+    ws = (ws if ws.dtype == F32 else ws.float()).unsqueeze(-1)
     y = torch.zeros(m, d, dtype=F32, device=x.device)
     dense = not isinstance(w1, Fp8Weight)
     t1, t3, t2 = (_kmajor(w) for w in (w1, w3, w2)) if dense else (None, None, None)
+    xs = x[tok]
     start = counts[0]  # ids < 0 sort first and contribute nothing
     for e, cnt in enumerate(counts[1:]):
         if cnt:
@@ -357,7 +389,7 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
                 o = torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e])
             else:
                 o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
-            y.index_add_(0, tok[sl], o.float() * wsorted[sl])
+            y.index_add_(0, tok[sl], (o if o.dtype == F32 else o.float()).mul_(ws[sl]))
             start += cnt
     return y
 
