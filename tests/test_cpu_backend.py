@@ -111,7 +111,7 @@ def _experts(g, m, e=16, i=64, d=128, k=4, dtype=torch.float32):
     return x, torch.rand(m, k, generator=g), ids, w1, w2, w3
 
 
-@pytest.mark.parametrize("path,m", [("_experts_one_token", 1), ("_experts_grouped", 8),
+@pytest.mark.parametrize("path,m", [("_experts_per_token", 1), ("_experts_per_token", 2), ("_experts_grouped", 8),
                                     ("_experts_pairs", 3), ("moe_experts", 1), ("moe_experts", 8), ("moe_experts", 70)])
 def test_moe_paths_match_cpu_ref_fp32(path, m):
     g = torch.Generator().manual_seed(12 + m)
@@ -124,11 +124,11 @@ def test_moe_paths_match_cpu_ref_fp32(path, m):
 
 @pytest.mark.parametrize("e,groups,topk_groups,k", [(16, 4, 2, 4), (64, 8, 4, 6), (256, 8, 4, 8), (8, 1, 1, 2)])
 def test_one_token_host_routing_picks_what_cpu_ref_picks(e, groups, topk_groups, k):
-    """Batch-1 decode routes on the host (Python sort of E floats): same ids and weights as the spec's torch
+    """Batch-1 decode and MTP verification route on the host (Python sort of E floats): same ids and weights as the spec's torch
     path over many seeded tokens, with group sums rounded to fp32 as torch's are."""
     g = torch.Generator().manual_seed(e + k)
-    for _ in range(200):
-        x = torch.randn(1, 32, generator=g)
+    for t in range(200):
+        x = torch.randn(1 + t % 2, 32, generator=g)  # 1 row: batch-1 decode; 2: MTP verification
         w = torch.randn(e, 32, generator=g)
         bias = torch.randn(e, generator=g) * 0.1
         got_w, got_ids = cpu.moe_gate(x, w, bias, groups, topk_groups, k, 2.5, True)

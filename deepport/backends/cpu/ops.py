@@ -280,24 +280,26 @@ def _f32(v: float) -> float:
 
 
 _F32_STRUCT = struct.Struct("f")
+_HOST_ROUTE_MAX = 2  # M <= this: routing on the host (batch-1 decode, MTP verification)
 
 
-def _route_one_token(scores, biased, n_groups, topk_groups, topk):
-    """The expert ids of one token chosen on the host (batch-1 decode: ~15 small torch calls cost more than
-    sorting E floats in Python). Same selection as the torch path: fp32 group sums, ties to the lower index."""
-    b = biased.view(-1).tolist()
-    e = len(b)
-    allowed = range(e)
-    if n_groups > 1:
-        g = e // n_groups
-        sums = []
-        for i in range(n_groups):
-            top = sorted(b[i * g:(i + 1) * g], reverse=True)[:2]
-            sums.append(_f32(top[0] + top[1]) if len(top) == 2 else top[0])
-        keep = sorted(range(n_groups), key=lambda i: (-sums[i], i))[:topk_groups]
-        allowed = [j for i in sorted(keep) for j in range(i * g, (i + 1) * g)]
-    ids = sorted(allowed, key=lambda j: (-b[j], j))[:topk]
-    return torch.tensor([ids], dtype=torch.long, device=scores.device)
+def _route_on_host(biased, n_groups, topk_groups, topk):
+    """The expert ids [M, k] of up to _HOST_ROUTE_MAX tokens chosen on the host (batch-1 decode: ~15 small torch
+    calls cost more than sorting E floats in Python; +4% per decode step, measured). Same selection as the torch path: fp32 group sums, ties to the lower index."""
+    out = []
+    for b in biased.tolist():
+        e = len(b)
+        allowed = range(e)
+        if n_groups > 1:
+            g = e // n_groups
+            sums = []
+            for i in range(n_groups):
+                top = sorted(b[i * g:(i + 1) * g], reverse=True)[:2]
+                sums.append(_f32(top[0] + top[1]) if len(top) == 2 else top[0])
+            keep = sorted(range(n_groups), key=lambda i: (-sums[i], i))[:topk_groups]
+            allowed = [j for i in sorted(keep) for j in range(i * g, (i + 1) * g)]
+        out.append(sorted(allowed, key=lambda j: (-b[j], j))[:topk])
+    return torch.tensor(out, dtype=torch.long, device=biased.device)
 
 
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
@@ -306,8 +308,8 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
     xf = x if x.dtype == F32 else x.float()
     scores = torch.sigmoid(F.linear(xf, weight if weight.dtype == F32 else weight.float()))  # [M, E]
     biased = scores + (bias if bias.dtype == F32 else bias.float())
-    if m == 1 and not torch.compiler.is_compiling():
-        ids = _route_one_token(scores, biased, n_groups, topk_groups, topk)
+    if m <= _HOST_ROUTE_MAX and not torch.compiler.is_compiling():
+        ids = _route_on_host(biased, n_groups, topk_groups, topk)
         w = scores.gather(1, ids)
         return (w * (route_scale / w.sum(-1, keepdim=True)) if norm_topk_prob else w * route_scale), ids
     if n_groups > 1:
@@ -323,12 +325,14 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
 
 # MoE strategy (measured in whole decode steps, docs/performance.md): decode is bound by reading weights and,
 # for small models, by the number of torch calls.
-#   one token (batch-1 decode): a host loop over its k experts on views of the stacked weights, 3 GEMVs each
-#     (reads only those experts; the ids are host values on a CPU, so reading them costs no sync);
+#   up to _PER_TOKEN_MAX tokens (batch-1 decode, MTP's 2-token verification): a host loop over each token's k
+#     experts on per-expert views of the stacked weights, 3 GEMVs each (reads only those experts; the ids are
+#     host values on a CPU, so reading them costs no sync; MTP 1.06x with 2 against 1.01x with 1 and 1.04x with 4);
 #   more tokens: sorted by expert, one GEMM per touched expert on K-major copies of the expert weights (each
 #     expert read once; 2.5x faster in a batch-8 step than all experts in three dense GEMMs, which was tried);
 #   while torch.compile traces: gathered per-pair weights up to _PAIR_MAX pairs (sync-free; the gather copies).
 _PAIR_MAX = 64
+_PER_TOKEN_MAX = 2  # M <= this: the per-token expert loop (batch-1 decode, MTP verification: measured, see docs)
 
 
 def _swiglu(gate, up):
@@ -338,18 +342,23 @@ def _swiglu(gate, up):
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-def _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3):
-    """M = 1: y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x), one expert at a time, fp32 accumulation."""
-    y = None
+def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
+    """A few tokens (decode, MTP verification): per token y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x),
+    one expert at a time, fp32 accumulation; ids and weights read on the host (free on a CPU)."""
     # per-expert views made once per stacked weight: indexing w[e] would be one more op per GEMV
     w1, w2, w3 = (_derived(w, "_deepport_experts", _unbound) for w in (w1, w2, w3))
-    for e, wt in zip(topk_ids.view(-1).tolist(), topk_weights.view(-1).tolist()):
-        if e < 0:
-            continue
-        o = F.linear(_swiglu(F.linear(x, w1[e]), F.linear(x, w3[e])), w2[e])
-        o = o if o.dtype == F32 else o.float()
-        y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
-    return y if y is not None else torch.zeros(x.shape, dtype=F32, device=x.device)
+    rows = []
+    for i, (ids, wts) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
+        xi = x if x.shape[0] == 1 else x[i:i + 1]
+        y = None
+        for e, wt in zip(ids, wts):
+            if e < 0:
+                continue
+            o = F.linear(_swiglu(F.linear(xi, w1[e]), F.linear(xi, w3[e])), w2[e])
+            o = o if o.dtype == F32 else o.float()
+            y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
+        rows.append(y if y is not None else torch.zeros(xi.shape, dtype=F32, device=x.device))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3):
@@ -397,8 +406,8 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
     m, pairs = x.shape[0], topk_ids.numel()
-    if m == 1 and not isinstance(w1, Fp8Weight) and not torch.compiler.is_compiling():
-        y = _experts_one_token(x, topk_weights, topk_ids, w1, w2, w3)
+    if m <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight) and not torch.compiler.is_compiling():
+        y = _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
     elif pairs <= _PAIR_MAX and torch.compiler.is_compiling() and not isinstance(w1, Fp8Weight):
         y = _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3)
     else:
