@@ -19,8 +19,8 @@ COMMANDS = {
     "conformance": ["conformance", "--backend", "cpu_ref", "--ops", "silu_mul,rms_norm"],
     "conformance --list": ["conformance", "--list", "--ops", "silu_mul"],
     "export-onnx": ["export-onnx", "--output", "{tmp}/m.onnx", "--force"],
-    "hardware-report": ["hardware-report", "--smoke", "--backend", "cpu_ref", "--stages", "backends", "--budget-s", "60",
-                        "--output", "{tmp}/hw"],
+    "hardware-report": ["hardware-report", "--smoke", "--backend", "cpu_ref", "--stages", "backends",
+                        "--budget-s", "60", "--output", "{tmp}/hw"],
 }
 # entry points run as modules (their own parsers, same helper): a subprocess each
 MODULES = {
@@ -100,8 +100,8 @@ def test_dash_means_stdout_and_help_states_the_convention(capsys):
     assert "--json [FILE]" in text and "on stdout with a bare --json" in text
 
 
-@pytest.mark.parametrize("argv", [["generate", "--max-new-tokens", "2"], ["bench"], ["export-onnx", "--output", "x.onnx"],
-                                  ["bench", "ops", "--smoke"], ["backends"]])
+@pytest.mark.parametrize("argv", [["generate", "--max-new-tokens", "2"], ["bench"], ["bench", "ops", "--smoke"],
+                                  ["export-onnx", "--output", "x.onnx"], ["backends"]])
 def test_unwritable_json_file_is_refused_before_any_work(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv + ["--json", str(tmp_path / "missing" / "r.json")])
