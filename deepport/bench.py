@@ -19,7 +19,10 @@ def bench_generate(model, prompts, max_new_tokens: int, repeats: int, mtp: bool)
 
 def cmd_bench(a) -> int:
     import deepport
+    from deepport.core.errors import ConfigError
 
+    if a.json == "ops":  # `bench --json ops`: argparse took the sub-command as --json's FILE
+        raise ConfigError("--json took 'ops' as its file name; put the options after ops: deepport bench ops --json")
     if a.threads:
         import torch
 

@@ -121,3 +121,9 @@ def test_a_failed_write_leaves_the_old_report_and_no_temporary(tmp_path, monkeyp
         json_out.emit_json({"new": True}, str(report))
     assert json.loads(report.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_bench_json_before_ops_is_refused_with_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare --json before a sub-command takes it as FILE: said, not written to
+    assert cli.main(["bench", "--json", "ops"]) == 2
+    assert "deepport bench ops --json" in capsys.readouterr().err and not (tmp_path / "ops").exists()
