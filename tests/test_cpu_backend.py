@@ -124,8 +124,8 @@ def test_moe_paths_match_cpu_ref_fp32(path, m):
 
 @pytest.mark.parametrize("e,groups,topk_groups,k", [(16, 4, 2, 4), (64, 8, 4, 6), (256, 8, 4, 8), (8, 1, 1, 2)])
 def test_one_token_host_routing_picks_what_cpu_ref_picks(e, groups, topk_groups, k):
-    """Batch-1 decode and MTP verification route on the host (Python sort of E floats): same ids and weights as the spec's torch
-    path over many seeded tokens, with group sums rounded to fp32 as torch's are."""
+    """Batch-1 decode and MTP verification route on the host (Python sort of E floats): same ids and weights
+    as the spec's torch path over many seeded tokens, with group sums rounded to fp32 as torch's are."""
     g = torch.Generator().manual_seed(e + k)
     for t in range(200):
         x = torch.randn(1 + t % 2, 32, generator=g)  # 1 row: batch-1 decode; 2: MTP verification

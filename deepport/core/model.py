@@ -127,7 +127,8 @@ class MLA(nn.Module):
         key = (self.wkv_b.weight.data_ptr(), self.wkv_b.weight._version, dtype)
         if self._absorbed is None or self._absorbed[0] != key or self.wkv_b.weight.requires_grad:
             w = self.wkv_b.dense(dtype).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-            self._absorbed = (key, w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous())
+            w_uv_t = w[:, self.qk_nope_head_dim:].transpose(1, 2).contiguous()
+            self._absorbed = (key, w[:, :self.qk_nope_head_dim], w_uv_t)
         return self._absorbed[1], self._absorbed[2]
 
     def forward(self, x, ctx: AttnContext):

@@ -29,12 +29,13 @@ def _compute_dtype() -> str:
 
 
 def _sources() -> dict:
-    return {"rms_norm": "torch F.rms_norm (+ fused residual add)", "rope": "torch complex product",
+    return {"rms_norm": "torch layer_norm on [x ; -x] (fp32; + fused residual add)", "rope": "torch complex product",
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
             "linear": "torch F.linear (fp8: act_quant + fp8_gemm)",
             "mla_prefill": "torch scaled_dot_product_attention",
             "mla_decode": "torch batched gather + bmm over the paged latent cache",
-            "moe_gate": "torch", "moe_experts": "torch: all experts / gathered pairs / sorted groups by size",
+            "moe_gate": "torch (up to 2 tokens: routing sorted on the host)",
+            "moe_experts": "torch: per-token expert loop (M <= 2) / gathered pairs (compiling) / sorted groups",
             "silu_mul": "torch", "sample": "torch", "all_reduce": "torch.distributed (gloo)",
             "all_to_all": "torch.distributed (gloo)"}
 

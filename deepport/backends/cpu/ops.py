@@ -1,10 +1,11 @@
 """cpu: every op contract written for speed on x86 and ARM CPUs with torch's own kernels.
 
-Few, large torch calls per op (a 12M-parameter model's decode is bound by per-op overhead, a 671B's by
-weight streaming): SDPA for prefill, one batched gather + two bmm for paged decode (no per-sequence loop,
-no host synchronisation), MoE over all experts at once when the tokens touch most of them and over
-gathered (token, expert) pairs when they touch few, sorted groups only for large M. Math in fp32 as the
-contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU has native bf16).
+Few torch calls per op (a 12M-parameter model's decode is bound by the number of calls, a 671B's by weight
+streaming): SDPA for prefill, one batched gather + two bmm for paged decode (no per-sequence loop, no host
+synchronisation), RMSNorm through the fused layer_norm kernel, routing and the expert loop on the host for
+one or two tokens, sorted groups on K-major copies for more, gathered (token, expert) pairs under
+torch.compile. Math in fp32 as the contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU
+has native bf16). Each choice is measured in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -285,7 +286,8 @@ _HOST_ROUTE_MAX = 2  # M <= this: routing on the host (batch-1 decode, MTP verif
 
 def _route_on_host(biased, n_groups, topk_groups, topk):
     """The expert ids [M, k] of up to _HOST_ROUTE_MAX tokens chosen on the host (batch-1 decode: ~15 small torch
-    calls cost more than sorting E floats in Python; +4% per decode step, measured). Same selection as the torch path: fp32 group sums, ties to the lower index."""
+    calls cost more than sorting E floats in Python; +4% per decode step, measured). Same selection as the
+    torch path: fp32 group sums, ties to the lower index."""
     out = []
     for b in biased.tolist():
         e = len(b)
