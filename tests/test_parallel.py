@@ -226,6 +226,30 @@ def test_torchrun_generate_tp2_prints_once_and_matches_one_process(tmp_path):
     assert out["parallel"] == {"tp": 2, "ep": 1}
 
 
+@pytest.mark.slow  # two ranks compile their decode step: about a minute
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this python")
+def test_torchrun_compiled_decode_tp2_matches_one_process(tmp_path):
+    """`--compile` under torchrun: each rank compiles its own shard's step (the cpu backend's ops traced, the
+    all-reduce inside the graph); the greedy tokens are one eager process's."""
+    _skip_unless_default_splits("default", "fp32", 2, 1)
+    _materialise("default", "fp32")
+    want = one_process("default", "fp32")
+    ids = ",".join(map(str, IDS[0].tolist()))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPPORT_PROGRESS": "0", "TMPDIR": str(tmp_path),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "deepport", "generate", "--tp", "2",
+                        "--backend", "cpu", "--dtype", "fp32", "--compile", "--prompt-ids", ids,
+                        "--max-new-tokens", "6", "--json"], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == want["tokens"][0]
+    assert out["parallel"] == {"tp": 2, "ep": 1}
+    assert "graph break" not in p.stderr
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not installed beside this python")
 def test_torchrun_conformance_model_check_tp2(tmp_path):
