@@ -244,7 +244,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     if min(lens) != top:
         return _decode_masked(ql, qp, kv_cache, pe_cache, block_table[:, :nblk], seq_lens, scale, s).to(q_latent.dtype)
     # every row holds `top` tokens: exactly those, no padding to mask
-    blocks = block_table[:, :nblk].long()
+    blocks = block_table[:, :nblk]  # int32 indexes as well as int64 (no conversion per layer)
     ckv = kv_cache[blocks].view(b, nblk * p, c)[:, :top]
     cpe = pe_cache[blocks].view(b, nblk * p, -1)[:, :top]
     if ckv.dtype != F32:
@@ -253,8 +253,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     if s > 1:  # causal among the S new queries: query i sees keys j <= top - S + i
         scores = scores.view(b, s, h, top).masked_fill(~_bottom_right_mask(s, top, ql.device).unsqueeze(1),
                                                        float("-inf")).view(b, s * h, top)
-    out = torch.bmm(scores.softmax(-1), ckv)
-    return out.view(b, s, h, c).to(q_latent.dtype)
+    out = torch.bmm(scores.softmax(-1), ckv).view(b, s, h, c)
+    return out if out.dtype == q_latent.dtype else out.to(q_latent.dtype)
 
 
 def _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s):
