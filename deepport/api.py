@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from deepport import models
-from deepport.core import checkpoint, config_checks, distributed, finite, parallel, registry
+from deepport.core import checkpoint, config_checks, distributed, finite, parallel, registry, settings
 from deepport.core import dp_attention as dp_attention_mod
 from deepport.core.errors import DeepportError
 from deepport.core.generate import check_sampling
@@ -134,6 +134,10 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     each rank attends for and caches only its own sequences. check_weights=False skips the NaN/inf weight and
     fp8 scale checks at load (docs/robustness.md). compile=True: decode steps run torch.compile'd (fullgraph);
     graphs=True (cuda/rocm): captured as CUDA/HIP graphs per batch bucket (docs/compile.md)."""
+    if (compile or graphs) and settings.check_finite():
+        raise DeepportError("DEEPPORT_CHECK_FINITE=1 checks every op's outputs on the host (a sync per op), which "
+                            "torch.compile and device graphs cannot keep in one graph; unset it to decode with "
+                            "--compile/--graphs, or drop --compile/--graphs to find the first op that makes NaN/inf")
     b = registry.select(backend)
     layout = distributed.check_world(tp, ep) if tp * ep > 1 else None
     if dp_attention:

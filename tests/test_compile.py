@@ -261,6 +261,15 @@ def test_traced_cpu_compiled_tokens_equal_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("flags", [{"compile": True}, {"graphs": True}])
+def test_compile_and_graphs_refuse_the_per_op_finite_check(monkeypatch, flags):
+    """DEEPPORT_CHECK_FINITE=1 syncs after every op: under --compile it broke the graph at every op and hit
+    the recompile limit (a 45 s, 0.3 tok/s run). Now one line names both ways out, before any loading."""
+    monkeypatch.setenv("DEEPPORT_CHECK_FINITE", "1")
+    with pytest.raises(deepport.DeepportError, match=r"DEEPPORT_CHECK_FINITE=1 .*unset it .*or drop --compile"):
+        deepport.load(None, backend="cpu", dtype="fp32", **flags)
+
+
 def test_graphs_need_a_cuda_device():
     with pytest.raises(deepport.DeepportError, match=r"\(--graphs\) captures CUDA/HIP graphs.*--compile works"):
         deepport.load(None, backend="cpu_ref", dtype="fp32", graphs=True)
