@@ -127,3 +127,33 @@ def test_bench_json_before_ops_is_refused_with_the_fix(tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)  # a bare --json before a sub-command takes it as FILE: said, not written to
     assert cli.main(["bench", "--json", "ops"]) == 2
     assert "deepport bench ops --json" in capsys.readouterr().err and not (tmp_path / "ops").exists()
+
+
+@pytest.mark.parametrize("writer,name", [("write_junit", "r.xml"), ("write_markdown", "r.md")])
+def test_junit_and_markdown_reports_are_replaced_atomically(writer, name, tmp_path, monkeypatch):
+    """--junit and --markdown reports go through the same temporary sibling + rename as --json FILE: the new
+    report replaces the old one whole, and a failed write leaves the old one and no temporary."""
+    import xml.etree.ElementTree as ET
+
+    from deepport.conformance import report as rep
+
+    r = rep.Report("cpu_ref", "reference", "quick", [rep.CaseResult("rms_norm", "rms_norm_bf16", "bf16", "pass",
+                                                                     "native", 1e-3, 1e-3, 1e-2, 1e-2)])
+    path = tmp_path / name
+    path.write_text("old report")
+    getattr(rep, writer)(r, str(path))
+    text = path.read_text()
+    assert "rms_norm_bf16" in text or "rms_norm" in text
+    if name.endswith(".xml"):
+        assert ET.fromstring(text.encode()).attrib["tests"] == "1"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_dir.os, "replace", crash)
+    path.write_text("old report")
+    with pytest.raises(OSError):
+        getattr(rep, writer)(r, str(path))
+    assert path.read_text() == "old report"
+    assert [p.name for p in tmp_path.iterdir()] == [name]

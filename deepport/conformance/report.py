@@ -12,6 +12,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from deepport.core import output_dir
+
 SCHEMA_VERSION = 1
 STATUSES = ("pass", "fail", "xfail", "skip", "fallback")
 
@@ -128,7 +130,8 @@ def write_junit(report: Report, path) -> None:
                   f"rtol={_num(r.rtol)} atol={_num(r.atol)}"
             ET.SubElement(tc, "system-out").text = msg + (f"\n{r.reason}" if r.reason else "")
     ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    xml = ET.tostring(root, encoding="unicode")
+    output_dir.write_text(path, "<?xml version='1.0' encoding='utf-8'?>\n" + xml)  # atomically, as the JSON
 
 
 def _cell(rs: list[CaseResult]) -> str:
@@ -178,5 +181,4 @@ def matrix_markdown(reports: list[Report]) -> str:
 
 def write_markdown(report: Report | list[Report], path) -> None:
     reports = report if isinstance(report, list) else [report]
-    with open(path, "w") as f:
-        f.write(matrix_markdown(reports))
+    output_dir.write_text(path, matrix_markdown(reports))  # atomically: a reader never sees half a report
