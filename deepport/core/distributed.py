@@ -125,11 +125,21 @@ def device_for(world: World | None, device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group (no-op when none was joined)."""
+    """Leave the process group (no-op when none was joined). On gloo, every rank first waits for the others
+    (a barrier with a timeout): a rank that tore its transport down while a peer still talked to it could
+    abort at exit ("terminate called without an active exception", seen once in CI with 4 ranks)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=SHUTDOWN_BARRIER_S))
+            except RuntimeError:  # a peer has already gone (it failed): leave anyway
+                pass
         dist.destroy_process_group()
+
+
+SHUTDOWN_BARRIER_S = 30.0
 
 
 @contextmanager
