@@ -23,8 +23,11 @@ def _build(m, d, inter, e, k, fp8, scale_fmt="fp32"):
 
 
 def cases(tier):
-    shapes = {"quick": [("decode", 3, 256, 128, 8, 3), ("prefill", 24, 256, 128, 8, 3)],
-              "full": [("v3_subset", 16, 7168, 2048, 16, 8)]}[tier]
+    # M=1 (batch-1 decode) and M=2 (MTP verification): a backend may take a per-token path for so few rows
+    shapes = {"quick": [("decode", 3, 256, 128, 8, 3), ("prefill", 24, 256, 128, 8, 3),
+                        ("decode_1", 1, 256, 128, 8, 3), ("verify_2", 2, 256, 128, 8, 3)],
+              "full": [("v3_subset", 16, 7168, 2048, 16, 8), ("v3_subset_decode_1", 1, 7168, 2048, 16, 8),
+                       ("v3_subset_verify_2", 2, 7168, 2048, 16, 8)]}[tier]
     out = []
     for v, m, d, inter, e, k in shapes:
         note = f"M={m} D={d} I={inter}, {e} experts, top-{k}"

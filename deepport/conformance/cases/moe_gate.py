@@ -42,6 +42,10 @@ def cases(tier):
               ("ungrouped", 8, 64, 32, 1, 1, 6, None), ("near_tie", m, d, 256, 8, 4, 8, "bias"),
               ("exact_tie", 8, 64, 64, 8, 4, 8, "duplicate")]
     note = "sets must match except within 1e-5 of a tie (k-th vs k+1-th biased score, or kept-group boundary)"
+    # decode-sized rows: batch-1 decode (M=1) and MTP's 2-token verification (M=2) at V3's routing config; a
+    # backend may route so few rows differently (the cpu backend sorts them on the host)
+    shapes += [("v3_decode", 1, d, 256, 8, 4, 8, None), ("near_tie_decode", 1, d, 256, 8, 4, 8, "bias"),
+               ("v3_verify", 2, d, 256, 8, 4, 8, None), ("exact_tie_verify", 2, 64, 64, 8, 4, 8, "duplicate")]
     out = [case("moe_gate", v, "bf16", tier, _build(*shape, tie=tie), compare="routing", reduction=shape[1],
                 note=note) for v, *shape, tie in shapes]
     # norm_topk_prob=false (HF config): weights s[ids] * route_scale, not renormalised
