@@ -174,6 +174,23 @@ def test_mla_decode_fast_and_masked_paths_match_cpu_ref(lens, s):
     torch.testing.assert_close(got, ref.mla_decode(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_rope_in_reals_matches_the_spec_at_v3_dims():
+    """The path torch.compile traces (the complex product written in reals; the conformance suite runs eager
+    only) against cpu_ref at DeepSeek-V3's rope dims: 128 query heads + the shared key head, R = 64, YaRN tables."""
+    from deepport.conformance.case import v3_args
+    from deepport.core.model import yarn_inv_freq
+
+    args = v3_args()
+    g = torch.Generator().manual_seed(64)
+    x = torch.randn(2, 5, 129, args.qk_rope_head_dim, generator=g)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [4000, 4001, 70000, 163839, 9]])
+    angles = pos.float().unsqueeze(-1) * yarn_inv_freq(args)
+    cos, sin = angles.cos() * args.rope_attention_factor, angles.sin() * args.rope_attention_factor
+    want = ref.rope(x, cos, sin)
+    torch.testing.assert_close(cpu._rope_reals(x, cos, sin), want.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cpu.rope(x, cos, sin), want.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_rope_rotation_cache_is_per_table_pair():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 3, 4, 16, generator=g)

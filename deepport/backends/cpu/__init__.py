@@ -29,7 +29,7 @@ def _compute_dtype() -> str:
 
 
 def _sources() -> dict:
-    return {"rms_norm": "torch layer_norm on [x ; -x] (fp32; + fused residual add)", "rope": "torch complex product",
+    return {"rms_norm": "torch layer_norm on [x ; -x] (fp32; + fused residual add)", "rope": "torch complex product (in reals under torch.compile)",
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
             "linear": "torch F.linear (fp8: act_quant + fp8_gemm)",
             "mla_prefill": "torch scaled_dot_product_attention",

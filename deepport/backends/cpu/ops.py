@@ -93,6 +93,14 @@ def _rotation(cos, sin):
     return rot
 
 
+def _rope_reals(xf, cos, sin):
+    """rope's complex product written in reals (the path torch.compile traces): fp32 xf [B, S, H, R]."""
+    pairs = xf.reshape(*xf.shape[:-1], xf.shape[-1] // 2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, sn = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # [B, S, 1, R/2]: every head
+    return torch.stack((a * c - b * sn, a * sn + b * c), dim=-1).flatten(-2)
+
+
 def rope(x, cos, sin):
     r = x.shape[-1]
     if r % 2 or cos.shape[-1] != r // 2 or sin.shape != cos.shape:
@@ -100,10 +108,7 @@ def rope(x, cos, sin):
                             f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     xf = x if x.dtype == F32 else x.float()
     if torch.compiler.is_compiling():  # Inductor generates no code for complex ops: the same product in reals
-        pairs = xf.reshape(*x.shape[:-1], r // 2, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        c, sn = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # [B, S, 1, R/2]: every head
-        out = torch.stack((a * c - b * sn, a * sn + b * c), dim=-1).flatten(-2)
+        out = _rope_reals(xf, cos, sin)
         return out if x.dtype == F32 else out.to(x.dtype)
     # interleaved pairs are complex numbers: one complex product per pair (5 calls in eager)
     xc = torch.view_as_complex(xf.reshape(*x.shape[:-1], r // 2, 2))
