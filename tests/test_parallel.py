@@ -399,3 +399,31 @@ def test_torchrun_cuda_backend_tp2_under_the_interpreter(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["backend"] == "cuda" and out["tokens"] == want
+
+
+_SHUTDOWN_SCRIPT = """
+import os, sys, time
+import torch.distributed as dist
+from deepport.core import distributed
+distributed.SHUTDOWN_BARRIER_S = 2.0
+dist.init_process_group("gloo")
+if int(os.environ["RANK"]) == 1:
+    time.sleep(6)  # never reaches shutdown in time
+    os._exit(0)
+distributed.shutdown()
+print("left", flush=True)
+"""
+
+
+def test_shutdown_says_when_a_peer_never_arrives_and_still_leaves(tmp_path):
+    """gloo ranks meet at a barrier before leaving the group; when a peer does not come (it failed), the rank
+    says so in one line and leaves anyway instead of hanging or staying silent."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHUTDOWN_SCRIPT], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    out, err = procs[0].communicate(timeout=60)
+    procs[1].communicate(timeout=60)
+    assert procs[0].returncode == 0, err[-2000:]
+    assert "left" in out
+    assert "deepport: rank 0: not every rank reached the end within 2 s" in err

@@ -6,6 +6,7 @@ ranks (one node's GPUs at TP=8), an expert-parallel group takes one rank of each
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -134,8 +135,10 @@ def shutdown() -> None:
         if dist.get_backend() == "gloo":
             try:
                 dist.monitored_barrier(timeout=timedelta(seconds=SHUTDOWN_BARRIER_S))
-            except RuntimeError:  # a peer has already gone (it failed): leave anyway
-                pass
+            except RuntimeError as e:  # a peer has already gone (it failed and says why): say so, leave anyway
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"deepport: rank {dist.get_rank()}: not every rank reached the end within "
+                      f"{SHUTDOWN_BARRIER_S:.0f} s ({why}); leaving the process group anyway", file=sys.stderr)
         dist.destroy_process_group()
 
 
