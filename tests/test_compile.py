@@ -214,6 +214,24 @@ def _tokens(m, step, prompts, mtp, n=8):
     return gen(m.transformer, prompts, n, eos_id=None, step=step).tokens
 
 
+def test_a_step_compiled_after_a_fresh_prefill_is_traced_once():
+    """A fresh prefill never derives the absorbed weights; before prepare_decode, the first traced step derived
+    them inside its graph, stored them, and Dynamo traced the step again on the next call (a cold --compile took
+    45 s instead of 27 s). One S=1 step over several tokens: one graph."""
+    m = deepport.load(None, backend="cpu", dtype="fp32")
+    graphs = []
+
+    def count(gm, example_inputs):  # a torch.compile backend that runs the traced graph as it is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = DecodeStep(m.transformer, compile=True, compile_backend=count)
+    assert _tokens(m, step, PROMPTS[:1], mtp=False, n=5) == _tokens(m, None, PROMPTS[:1], mtp=False, n=5)
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_step_through_aot_eager_decodes_the_eager_tokens(ref32):
     """Dynamo + AOT functionalisation of the step (cache writes are input mutations) keep the tokens."""

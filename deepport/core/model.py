@@ -342,6 +342,14 @@ class Transformer(nn.Module):
         h = self.hidden(self.embed_tokens(input_ids), ctx)
         return h, self.logits(h)
 
+    def prepare_decode(self) -> None:
+        """Derive what absorbed decode reads (W_UK, W_UV^T per MLA layer) before a decode step is traced: the
+        traced step then reads them as they are. Without it, a step traced after a fresh prefill (which never
+        needs them) derives them inside its graph, stores them, and is traced a second time (a recompile)."""
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.absorbed(self.dtype)
+
     def logits(self, hidden):
         """fp32 logits [.., V] from post-norm hidden states (the head is never fp8)."""
         return self.head(hidden).float()

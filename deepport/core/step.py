@@ -109,6 +109,7 @@ class DecodeStep:
 
         cfg = torch._dynamo.config  # one graph per (bucket, S, cache): more than torch's default of 8
         cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
+        self.model.prepare_decode()  # else the first graph derives the absorbed weights and a second is traced
         if self.fullgraph:
             fn = torch.compile(self.model.decode_step, fullgraph=True, dynamic=False, backend=self.compile_backend)
             try:
