@@ -66,8 +66,8 @@ class PagedLatentCache:
         flat = slots.flatten()
         kv_pool, pe_pool = self._flat[layer]
         kv, pe = kv.reshape(-1, kv.shape[-1]), pe.reshape(-1, pe.shape[-1])
-        kv_pool[flat] = kv if kv.dtype == kv_pool.dtype else kv.to(kv_pool.dtype)
-        pe_pool[flat] = pe if pe.dtype == pe_pool.dtype else pe.to(pe_pool.dtype)
+        kv_pool.index_copy_(0, flat, kv if kv.dtype == kv_pool.dtype else kv.to(kv_pool.dtype))  # whole rows
+        pe_pool.index_copy_(0, flat, pe if pe.dtype == pe_pool.dtype else pe.to(pe_pool.dtype))
 
     def index(self, rows: list[int]):
         """`rows` as an index into the device tensors: a slice when contiguous, else a device tensor made once."""

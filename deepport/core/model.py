@@ -135,13 +135,13 @@ class MLA(nn.Module):
         b, s, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(b, s, self.n_heads, self.qk_head_dim)  # q: [B, S, H, nope + rope]
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = q.split_with_sizes([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.wkv_a(x)  # [B, S, C + R]
-        c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c, k_pe = kv.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c = self.kv_norm(c)  # the norm covers the latent only, never k_pe
         # one rope call rotates the H query heads and the one key head shared by all (k_pe: [B, S, 1, R])
-        q_pe, k_pe = self.ops.rope(torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin).split(
-            [self.n_heads, 1], dim=2)
+        q_pe, k_pe = self.ops.rope(torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), ctx.cos, ctx.sin).split_with_sizes(
+            [self.n_heads, 1], dim=2)  # split_with_sizes: Tensor.split's Python wrapper costs more than the split
         if ctx.cache is not None:
             ctx.cache.write(self.layer_id, ctx.slots, c, k_pe.squeeze(2))
         if ctx.fresh:
