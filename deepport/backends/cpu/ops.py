@@ -255,9 +255,10 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     if ckv.dtype != F32:
         ckv, cpe = ckv.float(), cpe.float()
     scores = torch.baddbmm(torch.bmm(qp, cpe.transpose(1, 2)), ql, ckv.transpose(1, 2), alpha=scale, beta=scale)
-    if s > 1:  # causal among the S new queries: query i sees keys j <= top - S + i
-        scores = scores.view(b, s, h, top).masked_fill(~_bottom_right_mask(s, top, ql.device).unsqueeze(1),
-                                                       float("-inf")).view(b, s * h, top)
+    if s > 1:  # causal among the S new queries: query i sees keys j <= top - S + i, so the last S - 1 - i are
+        per_query = scores.view(b, s, h, top)  # masked in place (S - 1 fills; a mask tensor cost 17 vs 4 us)
+        for i in range(s - 1):
+            per_query[:, i, :, top - s + i + 1:].fill_(float("-inf"))
     out = torch.bmm(scores.softmax(-1), ckv).view(b, s, h, c)
     return out if out.dtype == q_latent.dtype else out.to(q_latent.dtype)
 
