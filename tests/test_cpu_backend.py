@@ -153,6 +153,18 @@ def test_kmajor_copy_follows_in_place_weight_updates():
     assert cpu.linear(x[:1], w).shape == (1, 96)
 
 
+def test_grouped_experts_follow_in_place_updates_of_their_kmajor_views():
+    """The sorted-groups path reads per-expert views of the K-major copies (kept with the copy): an in-place change
+    of one expert's weight must reach them."""
+    g = torch.Generator().manual_seed(8)
+    x, w, ids, w1, w2, w3 = _experts(g, 8)
+    for _ in range(2):
+        want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+        torch.testing.assert_close(cpu._experts_grouped(x, w, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
+        w2[int(ids[3, 0])].mul_(-3.0)  # an expert the batch uses
+        w1[int(ids[5, 1])].add_(0.5)
+
+
 def _paged(g, lens, s, b_blocks=6, p=4, c=32, r=8, h=3):
     b = len(lens)
     nb = b * b_blocks + 1
@@ -222,6 +234,18 @@ def test_bench_compare_transformers_runs_and_agrees():
         assert c[side]["decode_tokens_per_s"] > 0 and c[side]["prefill_tokens_per_s"] > 0
     w = c["weight_streaming"]
     assert w["read_bandwidth_bytes_per_s"] > 1e8 and w["decode_weight_bytes_per_step"] > 1e6
+    r = run_cli("bench", "--compare", "transformers", "--threads", "1", "--max-new-tokens", "6", "--repeats", "1",
+                "--batch", "3", "--distinct-rows", "--json")
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)["compare"]
+    assert c["distinct_rows"] is True and c["greedy_tokens_equal"] is True  # every row, against transformers'
+
+
+def test_bench_rows_identical_by_default_or_rotated():
+    from deepport import bench_compare
+
+    assert bench_compare.batch_rows([4, 5, 6], 2, False) == [[4, 5, 6], [4, 5, 6]]
+    assert bench_compare.batch_rows([4, 5, 6], 4, True) == [[4, 5, 6], [5, 6, 4], [6, 4, 5], [4, 5, 6]]
 
 
 def test_derived_weights_do_not_keep_their_weight_alive_and_follow_updates():

@@ -154,7 +154,7 @@ def _fp8_linear(x, w: Fp8Weight):
 # (measured in docs/performance.md); M = 1 GEMVs are as fast either way. So the first GEMM with M > 1 on a
 # weight makes its K-major copy, kept while the weight lives and rebuilt if it is modified in place: RAM
 # for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it GEMMs use [N, K]).
-_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy)
+_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views])
 _LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
 _layout_bytes = [0]
 
@@ -397,31 +397,60 @@ def _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3):
 
 
 def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
-    """Tokens sorted by expert, one GEMM per touched expert (prefill-sized M; reads the counts on the host)."""
+    """Tokens sorted by expert, one GEMM per touched expert (prefill-sized M; reads the counts on the host). Dense
+    weights: each expert's down projection lands in its rows of one [P, D] buffer (mm out=), weighted and added
+    to the tokens once at the end (2 calls an expert fewer than weighting and adding per expert)."""
     m, d = x.shape
     k = topk_ids.shape[1]
     flat = topk_ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat.clamp(min=-1) + 1, minlength=w1.shape[0] + 1).tolist()
+    first = counts[0]  # ids < 0 sort first and contribute nothing
+    if first:
+        order = order[first:]
     tok = order // k
     ws = topk_weights.flatten().index_select(0, order)
     ws = (ws if ws.dtype == F32 else ws.float()).unsqueeze(-1)
     y = torch.zeros(m, d, dtype=F32, device=x.device)
-    dense = not isinstance(w1, Fp8Weight)
-    t1, t3, t2 = (_kmajor(w) for w in (w1, w3, w2)) if dense else (None, None, None)
     xs = x.index_select(0, tok)  # whole rows: faster than x[tok] here (2.0 vs 4.8 us)
-    start = counts[0]  # ids < 0 sort first and contribute nothing
+    per_expert = _kmajor_experts(w1, w3, w2) if not isinstance(w1, Fp8Weight) else None
+    if per_expert is not None and xs.dtype == F32:
+        t1, t3, t2 = per_expert
+        out = torch.empty(xs.shape[0], d, dtype=F32, device=x.device)
+        start = 0
+        for e, cnt in enumerate(counts[1:]):
+            if cnt:
+                xe = xs[start:start + cnt]
+                torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e], out=out[start:start + cnt])
+                start += cnt
+        return y.index_add_(0, tok, out.mul_(ws))
+    start = 0
     for e, cnt in enumerate(counts[1:]):
         if cnt:
             sl = slice(start, start + cnt)
             xe = xs[sl]
-            if t1 is not None and t3 is not None and t2 is not None:
+            if per_expert is not None:
+                t1, t3, t2 = per_expert
                 o = torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e])
             else:
                 o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
             y.index_add_(0, tok[sl], (o if o.dtype == F32 else o.float()).mul_(ws[sl]))
             start += cnt
     return y
+
+
+def _kmajor_experts(w1, w3, w2):
+    """Per-expert views of the three K-major expert copies ([D, I], [D, I], [I, D] each), made once and kept in
+    the copy's own _LAYOUT entry (dropped with it); None when a copy may not be made (see _kmajor)."""
+    out = []
+    for w in (w1, w3, w2):
+        if _kmajor(w) is None:
+            return None
+        hit = _LAYOUT[id(w)]
+        if len(hit) == 3:  # (weakref to w, w's version, K-major copy): add the copy's views
+            hit = _LAYOUT[id(w)] = (*hit, hit[2].unbind(0))
+        out.append(hit[3])
+    return out
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
