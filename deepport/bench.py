@@ -28,15 +28,17 @@ def cmd_bench(a) -> int:
 
         torch.set_num_threads(a.threads)
     m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
-    prompts = [a.prompt] * a.batch
+    from deepport.bench_compare import batch_rows
+
+    prompts = batch_rows(m.encode(a.prompt), a.batch, a.distinct_rows)
     report = {"backend": m.backend, "dtype": m.dtype, "model": str(m.path), "batch": a.batch,
-              "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
+              "distinct_rows": a.distinct_rows, "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
     if a.compare:  # deepport vs transformers eager, interleaved (deepport/bench_compare.py)
         from deepport import bench_compare
         import torch
 
         report["threads"] = torch.get_num_threads()
-        report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats)
+        report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats, a.distinct_rows)
         json_out.emit_json(report, a.json)
         bench_compare.print_comparison(report)
         return 0
@@ -51,7 +53,8 @@ def cmd_bench(a) -> int:
         json_out.emit_json(report, a.json)
         bench_step.print_report(report)
         return 0
-    print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}, {a.max_new_tokens} new tokens",
+    rows = " (distinct rows)" if a.distinct_rows and a.batch > 1 else ""
+    print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}{rows}, {a.max_new_tokens} new tokens",
           file=sys.stderr)
     report["plain"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=False)
     if a.mtp and m.args.n_mtp_layers:
@@ -77,6 +80,10 @@ def register(sub) -> None:
     p.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main():\n", type=cli_checks.utf8_text,
                    help="the prompt every sequence of the batch starts from")
     p.add_argument("--batch", type=cli_checks.positive_int, default=1, help="sequences decoded together")
+    p.add_argument("--distinct-rows", action="store_true",
+                   help="row r of the batch starts from the prompt's tokens rotated by r (same length, different "
+                        "sequences: the rows route to different experts, as a real batch does); default: every row "
+                        "the same prompt, which decodes identically and touches one token's experts")
     p.add_argument("--max-new-tokens", type=cli_checks.positive_int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=cli_checks.positive_int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding")

@@ -43,9 +43,11 @@ def load_transformers(path: Path):
 
 
 @torch.inference_mode()
-def hf_generate(hf, ids: list[int], batch: int, new_tokens: int) -> dict:
-    """Greedy decoding with transformers' own KV cache: one batched prefill, then one step per token."""
-    x = torch.tensor([ids] * batch)
+def hf_generate(hf, rows: list[list[int]], new_tokens: int) -> dict:
+    """Greedy decoding with transformers' own KV cache: one batched prefill of the equal-length rows, then one
+    step per token."""
+    x = torch.tensor(rows)
+    batch, n = x.shape
     t0 = time.perf_counter()
     out = hf(input_ids=x, use_cache=True)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -56,9 +58,18 @@ def hf_generate(hf, ids: list[int], batch: int, new_tokens: int) -> dict:
         past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(tok)
     t2 = time.perf_counter()
-    return {"prefill_tokens_per_s": batch * len(ids) / (t1 - t0),
+    return {"prefill_tokens_per_s": batch * n / (t1 - t0),
             "decode_tokens_per_s": batch * (new_tokens - 1) / (t2 - t1),
-            "tokens": torch.cat(toks, 1)[0].tolist()}
+            "tokens": torch.cat(toks, 1).tolist()}
+
+
+def batch_rows(ids: list[int], batch: int, distinct: bool) -> list[list[int]]:
+    """The batch's prompts: `ids` in every row, or (distinct) row r holds ids rotated left by r - the same
+    length and tokens, a different sequence, so the rows route to different experts as a real batch does
+    (identical rows all pick one token's experts)."""
+    if not distinct:
+        return [list(ids)] * batch
+    return [ids[r % len(ids):] + ids[:r % len(ids)] for r in range(batch)]
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -93,26 +104,26 @@ def _ids(model, prompt: str) -> list[int]:
     return model.encode(prompt)
 
 
-def compare(model, prompt: str, batch: int, new_tokens: int, repeats: int) -> dict:
+def compare(model, prompt: str, batch: int, new_tokens: int, repeats: int, distinct: bool = False) -> dict:
     """Median prefill/decode tokens/s of deepport (`model`) and transformers, interleaved, and their ratios."""
-    ids = _ids(model, prompt)
+    rows = batch_rows(_ids(model, prompt), batch, distinct)
     hf = load_transformers(model.path)
-    prompts = [ids] * batch
-    model.generate_batch(prompts, max_new_tokens=min(4, new_tokens))  # warm-up
-    hf_generate(hf, ids, batch, min(4, new_tokens))
+    model.generate_batch(rows, max_new_tokens=min(4, new_tokens))  # warm-up
+    hf_generate(hf, rows, min(4, new_tokens))
     dp_runs, hf_runs = [], []
     for _ in range(repeats):
-        r = model.generate_batch(prompts, max_new_tokens=new_tokens)
-        dp_runs.append(dict(r[0].stats, tokens=r[0].tokens))
-        hf_runs.append(hf_generate(hf, ids, batch, new_tokens))
+        r = model.generate_batch(rows, max_new_tokens=new_tokens)
+        dp_runs.append(dict(r[0].stats, tokens=[x.tokens for x in r]))
+        hf_runs.append(hf_generate(hf, rows, new_tokens))
     out = {}
     for side, runs in (("deepport", dp_runs), ("transformers", hf_runs)):
         out[side] = {k: statistics.median(r[k] for r in runs) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
     for k in ("prefill", "decode"):
         out[f"{k}_ratio"] = out["deepport"][f"{k}_tokens_per_s"] / out["transformers"][f"{k}_tokens_per_s"]
-    n = min(len(dp_runs[0]["tokens"]), len(hf_runs[0]["tokens"]))
-    out["greedy_tokens_equal"] = dp_runs[0]["tokens"][:n] == hf_runs[0]["tokens"][:n]
-    wbytes = decode_weight_bytes(model.transformer, batch)
+    out["greedy_tokens_equal"] = all(  # every row (a row may end early at eos on deepport's side)
+        d == h[:len(d)] for d, h in zip(dp_runs[0]["tokens"], hf_runs[0]["tokens"]))
+    out["distinct_rows"] = distinct
+    wbytes = decode_weight_bytes(model.transformer, batch if distinct else 1)  # identical rows: one token's experts
     bw = read_bandwidth()
     out["weight_streaming"] = {"decode_weight_bytes_per_step": wbytes, "read_bandwidth_bytes_per_s": bw,
                                "limit_decode_tokens_per_s": batch * bw / wbytes,
@@ -128,7 +139,9 @@ def print_comparison(report: dict) -> None:
     print(f"{'transformers':<14} {t['prefill_tokens_per_s']:>14.1f} {t['decode_tokens_per_s']:>13.1f}")
     print(f"{'ratio':<14} {c['prefill_ratio']:>13.2f}x {c['decode_ratio']:>12.2f}x")
     w = c["weight_streaming"]
-    print(f"weight streaming: {w['decode_weight_bytes_per_step'] / 1e6:.1f} MB read per decode step, read bandwidth "
+    rows = "" if report.get("batch", 1) == 1 else (" (distinct rows)" if c.get("distinct_rows") else
+                                                  " (identical rows: one token's experts; --distinct-rows for a real batch)")
+    print(f"weight streaming{rows}: {w['decode_weight_bytes_per_step'] / 1e6:.1f} MB read per decode step, read bandwidth "
           f"{w['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> limit {w['limit_decode_tokens_per_s']:.1f} tok/s; "
           f"deepport at {w['deepport_fraction_of_limit']:.2f} of it")
     print(f"greedy tokens equal: {c['greedy_tokens_equal']}")
