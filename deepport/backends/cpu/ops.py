@@ -193,9 +193,15 @@ def _drop(key) -> None:
         _layout_bytes[0] -= hit[2].numel() * hit[2].element_size()
 
 
+_KMAJOR_TWO_ROWS_MAX = 1 << 20  # bytes: above it a 2-row GEMM streams the weight from memory, faster as [N, K]
+
+
 def _mm(x2, w):
-    """x2 [M, K] @ w[N, K]^T."""
-    if x2.shape[0] > 1:
+    """x2 [M, K] @ w[N, K]^T. Two rows (MTP verification) use the K-major copy only for weights that stay in the
+    caches: read from memory, MKL streams [N, K] at 12-14 GB/s and the K-major copy at 9-10 (v3-200m's shapes,
+    caches flushed between calls; docs/performance.md)."""
+    m = x2.shape[0]
+    if m > 2 or (m == 2 and w.numel() * w.element_size() <= _KMAJOR_TWO_ROWS_MAX):
         wt = _kmajor(w)
         if wt is not None:
             return torch.mm(x2, wt)
