@@ -232,6 +232,21 @@ def test_a_step_compiled_after_a_fresh_prefill_is_traced_once():
     torch._dynamo.reset()
 
 
+def test_inductor_wrapper_checks_are_off_unless_asked_for(monkeypatch, ref32):
+    """Inductor's per-call size/stride/alignment checks cost 10% of a compiled CPU step: off for Inductor (the
+    compiled-equals-eager token tests below stand in for them), back with DEEPPORT_COMPILE_ASSERTS=1, never
+    passed to another torch.compile backend (which would reject Inductor options)."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("DEEPPORT_COMPILE_ASSERTS", raising=False)
+    opts = DecodeStep(ref32.transformer, compile=True)._inductor_options()
+    assert opts and all(opts[k] is False for k in ("size_asserts", "alignment_asserts"))
+    assert all(hasattr(inductor_config, k) for k in opts)  # names Inductor knows
+    assert DecodeStep(ref32.transformer, compile=True, compile_backend="aot_eager")._inductor_options() is None
+    monkeypatch.setenv("DEEPPORT_COMPILE_ASSERTS", "1")
+    assert DecodeStep(ref32.transformer, compile=True)._inductor_options() is None
+
+
 @pytest.mark.slow
 def test_step_through_aot_eager_decodes_the_eager_tokens(ref32):
     """Dynamo + AOT functionalisation of the step (cache writes are input mutations) keep the tokens."""
