@@ -31,6 +31,11 @@ def cmd_bench(a) -> int:
     from deepport.bench_compare import batch_rows
 
     prompts = batch_rows(m.encode(a.prompt), a.batch, a.distinct_rows)
+    differ = len({tuple(r) for r in prompts})
+    if a.distinct_rows and differ < a.batch:
+        print(f"deepport: --distinct-rows: the prompt is {len(prompts[0])} token(s) long, so only {differ} of the "
+              f"{a.batch} rows differ (rows are its rotations); give a --prompt of at least {a.batch} tokens",
+              file=sys.stderr)
     report = {"backend": m.backend, "dtype": m.dtype, "model": str(m.path), "batch": a.batch,
               "distinct_rows": a.distinct_rows, "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
     if a.compare:  # deepport vs transformers eager, interleaved (deepport/bench_compare.py)

@@ -248,6 +248,13 @@ def test_bench_rows_identical_by_default_or_rotated():
     assert bench_compare.batch_rows([4, 5, 6], 4, True) == [[4, 5, 6], [5, 6, 4], [6, 4, 5], [4, 5, 6]]
 
 
+def test_distinct_rows_says_when_the_prompt_is_too_short_for_the_batch():
+    r = run_cli("bench", "--batch", "4", "--distinct-rows", "--prompt", "ab", "--max-new-tokens", "2", "--repeats", "1",
+                "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "of the 4 rows differ" in r.stderr and "--prompt of at least 4 tokens" in r.stderr
+
+
 def test_derived_weights_do_not_keep_their_weight_alive_and_follow_updates():
     """rms_norm's doubled weight and moe_experts' per-expert views live on the weight: gone with it (no
     reference cycle through a view's base), remade after an in-place change."""
