@@ -214,7 +214,7 @@ def _tokens(m, step, prompts, mtp, n=8):
     return gen(m.transformer, prompts, n, eos_id=None, step=step).tokens
 
 
-def test_a_step_compiled_after_a_fresh_prefill_is_traced_once():
+def test_a_step_compiled_after_a_fresh_prefill_is_traced_once(capsys):
     """A fresh prefill never derives the absorbed weights; before prepare_decode, the first traced step derived
     them inside its graph, stored them, and Dynamo traced the step again on the next call (a cold --compile took
     45 s instead of 27 s). One S=1 step over several tokens: one graph."""
@@ -229,6 +229,8 @@ def test_a_step_compiled_after_a_fresh_prefill_is_traced_once():
     step = DecodeStep(m.transformer, compile=True, compile_backend=count)
     assert _tokens(m, step, PROMPTS[:1], mtp=False, n=5) == _tokens(m, None, PROMPTS[:1], mtp=False, n=5)
     assert len(graphs) == 1
+    # the compile is announced before it starts, once per new shape
+    assert capsys.readouterr().err.count("deepport: compiling the decode step for 1 row(s) x 1 token(s)") == 1
     torch._dynamo.reset()
 
 

@@ -166,6 +166,11 @@ class DecodeStep:
         input_ids = self.pad(input_ids, cache)
         shape_key = (tuple(input_ids.shape), id(cache))
         t0 = time.perf_counter() if shape_key not in self._seen else None
+        if t0 is not None and self.compile:  # tens of seconds on a CPU: say so before, not only after
+            b, s = input_ids.shape
+            print(f"deepport: compiling the decode step for {b} row(s) x {s} token(s), a cache of "
+                  f"{cache.max_blocks * cache.block_size} tokens a row (first use of this shape; Inductor keeps the "
+                  f"code for later runs)", file=sys.stderr)
         try:
             if self.graphs and not self._no_graphs:
                 key = shape_key
