@@ -248,6 +248,21 @@ def test_bench_rows_identical_by_default_or_rotated():
     assert bench_compare.batch_rows([4, 5, 6], 4, True) == [[4, 5, 6], [5, 6, 4], [6, 4, 5], [4, 5, 6]]
 
 
+def test_grouped_experts_without_room_for_the_kmajor_copies_copy_nothing(monkeypatch):
+    """Over the copy budget the sorted-groups path reads the stacked weights as stored: no K-major copy of one or
+    two of the three stacks it cannot use, and none of each transient per-expert view (a copy per call)."""
+    import gc
+
+    gc.collect()
+    g = torch.Generator().manual_seed(9)
+    x, w, ids, w1, w2, w3 = _experts(g, 8)
+    monkeypatch.setattr(cpu, "_LAYOUT_BUDGET", cpu._layout_bytes[0] + 2 * w1.numel() * 4)  # room for two stacks
+    before = (cpu._layout_bytes[0], len(cpu._LAYOUT))
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    torch.testing.assert_close(cpu._experts_grouped(x, w, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
+    assert (cpu._layout_bytes[0], len(cpu._LAYOUT)) == before
+
+
 def test_distinct_rows_says_when_the_prompt_is_too_short_for_the_batch():
     r = run_cli("bench", "--batch", "4", "--distinct-rows", "--prompt", "ab", "--max-new-tokens", "2", "--repeats", "1",
                 "--threads", "1")

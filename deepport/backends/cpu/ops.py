@@ -438,8 +438,11 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
             if per_expert is not None:
                 t1, t3, t2 = per_expert
                 o = torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e])
-            else:
+            elif isinstance(w1, Fp8Weight):
                 o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
+            else:  # no room for the K-major copies: [N, K] as stored (linear would copy each transient view w[e])
+                o = F.linear(_swiglu(F.linear(xe, w1[e].to(xe.dtype)), F.linear(xe, w3[e].to(xe.dtype))),
+                             w2[e].to(xe.dtype))
             y.index_add_(0, tok[sl], (o if o.dtype == F32 else o.float()).mul_(ws[sl]))
             start += cnt
     return y
@@ -447,7 +450,15 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
 
 def _kmajor_experts(w1, w3, w2):
     """Per-expert views of the three K-major expert copies ([D, I], [D, I], [I, D] each), made once and kept in
-    the copy's own _LAYOUT entry (dropped with it); None when a copy may not be made (see _kmajor)."""
+    the copy's own _LAYOUT entry (dropped with it); None when the three may not all be made (see _kmajor): then
+    none is made, rather than one or two that the caller could not use."""
+    missing = 0
+    for w in (w1, w3, w2):
+        hit = _LAYOUT.get(id(w))
+        if hit is None or hit[0]() is not w or hit[1] != _version(w):
+            missing += w.numel() * w.element_size()
+    if missing and _layout_bytes[0] + missing > _LAYOUT_BUDGET:
+        return None
     out = []
     for w in (w1, w3, w2):
         if _kmajor(w) is None:
