@@ -1,22 +1,35 @@
 """linear cases: bf16 matmul and the W8A8 composite (act_quant + fp8_gemm) on an Fp8Weight."""
+import torch
+
 from deepport.conformance.case import case, fp8_weight, randn, tie_rows
 
 
-def _build(lead, n, k, fp8, scale_fmt="fp32", ties=False):
+def _build(lead, n, k, fp8, scale_fmt="fp32", ties=False, dtype=torch.bfloat16):
     def build(g, fmt):
-        x = tie_rows(g, lead[0], k, fmt, every=16) if ties else randn(g, *lead, k)
-        w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5, scale_fmt=scale_fmt) if fp8 else randn(g, n, k, std=k ** -0.5)
+        x = tie_rows(g, lead[0], k, fmt, every=16) if ties else randn(g, *lead, k, dtype=dtype)
+        w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5, scale_fmt=scale_fmt) if fp8 else \
+            randn(g, n, k, std=k ** -0.5, dtype=dtype)
         return {"x": x, "w": w}
     return build
 
 
 def cases(tier):
-    shapes = {"quick": [("tokens", (2, 3), 192, 256), ("ragged_n", (4,), 200, 384)],
-              "full": [("wq_a", (2, 4), 1536, 7168), ("wkv_a", (4,), 576, 7168), ("wkv_b", (3,), 32768, 512)]}[tier]
+    # one row (batch-1 decode) and two (MTP verification): a backend may take GEMV paths for so few rows
+    shapes = {"quick": [("tokens", (2, 3), 192, 256), ("decode_1", (1, 1), 192, 256), ("verify_2", (1, 2), 192, 256),
+                        ("ragged_n", (4,), 200, 384)],
+              "full": [("wq_a", (2, 4), 1536, 7168), ("wkv_a", (4,), 576, 7168), ("wq_a_decode_1", (1, 1), 1536, 7168),
+                       ("wq_a_verify_2", (1, 2), 1536, 7168), ("wkv_b", (3,), 32768, 512)]}[tier]
     out = []
     for v, lead, n, k in shapes:
         for dtype in ("bf16", "fp8"):
             out.append(case("linear", v, dtype, tier, _build(lead, n, k, dtype == "fp8"), reduction=k))
+    # fp32 inputs (a backend serving an FP8 checkpoint in fp32, e.g. cpu's default), one to a few rows
+    fp32in = {"quick": [("decode_1", (1,), 192, 256), ("verify_2", (2,), 192, 256), ("tokens", (2, 3), 192, 256)],
+              "full": [("wq_a_decode_1", (1,), 1536, 7168), ("wq_a_verify_2", (2,), 1536, 7168),
+                       ("wq_a", (2, 4), 1536, 7168)]}[tier]
+    for v, lead, n, k in fp32in:
+        out.append(case("linear", f"{v}_fp32in", "bf16", tier, _build(lead, n, k, False, dtype=torch.float32),
+                        reduction=k, note="fp32 inputs", out_dtype="fp32"))
     v, lead, n, k = shapes[-1]  # DeepSeek-V3.1 (scale_fmt ue8m0): power-of-two weight and activation scales
     out.append(case("linear", f"ue8m0_{v}", "fp8", tier, _build(lead, n, k, True, "ue8m0"), reduction=k,
                     note="scale_fmt ue8m0: act_quant rounds activation scales up to powers of two"))

@@ -4,9 +4,9 @@ import torch
 from deepport.conformance.case import case, fp8_weight, randn
 
 
-def _build(m, d, inter, e, k, fp8, scale_fmt="fp32"):
+def _build(m, d, inter, e, k, fp8, scale_fmt="fp32", dtype=torch.bfloat16):
     def build(g, fmt):
-        x = randn(g, m, d)
+        x = randn(g, m, d, dtype=dtype)
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
         ids[0, -1] = -1  # routed to an expert on another rank: contributes nothing
         weights = torch.rand(m, k, generator=g) + 0.1
@@ -16,8 +16,9 @@ def _build(m, d, inter, e, k, fp8, scale_fmt="fp32"):
             w3 = fp8_weight(g, e, inter, d, fmt=fmt, std=d ** -0.5, scale_fmt=scale_fmt)
             w2 = fp8_weight(g, e, d, inter, fmt=fmt, std=inter ** -0.5, scale_fmt=scale_fmt)
         else:
-            w1, w3 = randn(g, e, inter, d, std=d ** -0.5), randn(g, e, inter, d, std=d ** -0.5)
-            w2 = randn(g, e, d, inter, std=inter ** -0.5)
+            w1 = randn(g, e, inter, d, std=d ** -0.5, dtype=dtype)
+            w3 = randn(g, e, inter, d, std=d ** -0.5, dtype=dtype)
+            w2 = randn(g, e, d, inter, std=inter ** -0.5, dtype=dtype)
         return {"x": x, "topk_weights": weights, "topk_ids": ids, "w1": w1, "w2": w2, "w3": w3}
     return build
 
@@ -38,6 +39,16 @@ def cases(tier):
             # so the reference runs cpu_ref in x.dtype with its fp32 math, not in fp64
             out.append(case("moe_experts", v, dtype, tier, _build(m, d, inter, e, k, dtype == "fp8"),
                             reduction=d + inter, note=note, reference="native"))
+    # fp32 inputs (a backend serving an FP8 checkpoint in fp32, e.g. cpu's default): a backend may take other
+    # paths for them; one token, two (MTP verification), and a group per expert
+    fp32in = {"quick": [("decode_1", 1, 256, 128, 8, 3), ("verify_2", 2, 256, 128, 8, 3),
+                        ("prefill", 24, 256, 128, 8, 3)],
+              "full": [("v3_subset_decode_1", 1, 7168, 2048, 16, 8), ("v3_subset", 16, 7168, 2048, 16, 8)]}[tier]
+    for v, m, d, inter, e, k in fp32in:
+        out.append(case("moe_experts", f"{v}_fp32in", "bf16", tier,
+                        _build(m, d, inter, e, k, False, dtype=torch.float32), reduction=d + inter,
+                        note=f"fp32 inputs; M={m} D={d} I={inter}, {e} experts, top-{k}", reference="native",
+                        out_dtype="fp32"))
     if tier == "quick":  # DeepSeek-V3.1 (scale_fmt ue8m0): the fused activation quantisation rounds scales up
         out.append(case("moe_experts", "ue8m0_decode", "fp8", tier, _build(3, 256, 128, 8, 3, True, "ue8m0"),
                         reduction=256 + 128, note="scale_fmt ue8m0 experts", reference="native"))
