@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deepport
-from deepport.backends.cpu import capability
+from deepport.backends.cpu import capability, gemm_layout
 from deepport.backends.cpu import ops as cpu
 from deepport.backends.cpu_ref import ops as ref
 from deepport.conformance.runner import run
@@ -248,19 +248,26 @@ def test_bench_rows_identical_by_default_or_rotated():
     assert bench_compare.batch_rows([4, 5, 6], 4, True) == [[4, 5, 6], [5, 6, 4], [6, 4, 5], [4, 5, 6]]
 
 
-def test_grouped_experts_without_room_for_the_kmajor_copies_copy_nothing(monkeypatch):
-    """Over the copy budget the sorted-groups path reads the stacked weights as stored: no K-major copy of one or
-    two of the three stacks it cannot use, and none of each transient per-expert view (a copy per call)."""
+def test_grouped_experts_over_the_copy_budget_read_the_rest_as_stored(monkeypatch):
+    """With room for only two K-major expert stacks the sorted-groups path copies at most those two (and uses
+    them), reads the third as stored, and copies nothing per call (no K-major copy of transient per-expert
+    views): a second call adds no copy."""
     import gc
 
     gc.collect()
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "kmajor")
+    gemm_layout.reset()
     g = torch.Generator().manual_seed(9)
     x, w, ids, w1, w2, w3 = _experts(g, 8)
-    monkeypatch.setattr(cpu, "_LAYOUT_BUDGET", cpu._layout_bytes[0] + 2 * w1.numel() * 4)  # room for two stacks
-    before = (cpu._layout_bytes[0], len(cpu._LAYOUT))
+    budget = cpu._layout_bytes[0] + 2 * w1.numel() * 4  # room for two stacks
+    monkeypatch.setattr(cpu, "_LAYOUT_BUDGET", budget)
     want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
     torch.testing.assert_close(cpu._experts_grouped(x, w, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
-    assert (cpu._layout_bytes[0], len(cpu._LAYOUT)) == before
+    after_one = (cpu._layout_bytes[0], len(cpu._LAYOUT))
+    assert after_one[0] <= budget
+    torch.testing.assert_close(cpu._experts_grouped(x, w, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
+    assert (cpu._layout_bytes[0], len(cpu._LAYOUT)) == after_one
+    gemm_layout.reset()
 
 
 def test_distinct_rows_says_when_the_prompt_is_too_short_for_the_batch():

@@ -72,3 +72,15 @@ def probe_timeout_s() -> float:
 
         raise ConfigError(f"DEEPPORT_PROBE_TIMEOUT={raw!r} is not a positive number of seconds; unset it or use e.g. 10")
     return value
+
+
+def cpu_gemm_layout() -> str:
+    """DEEPPORT_CPU_GEMM_LAYOUT: how the cpu backend lays out weights for decode GEMMs: tuned (default: measured
+    once per shape on this machine), kmajor (always the K-major copy) or nk (always torch's [N, K])."""
+    value = (os.environ.get("DEEPPORT_CPU_GEMM_LAYOUT") or "tuned").lower()
+    if value not in ("tuned", "kmajor", "nk"):
+        from deepport.core.errors import ConfigError
+
+        raise ConfigError(f"DEEPPORT_CPU_GEMM_LAYOUT={value!r} is not a layout; use tuned (the default), kmajor or "
+                          f"nk, or unset it")
+    return value

@@ -16,6 +16,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from deepport.backends.cpu import gemm_layout
 from deepport.backends.cpu_ref.ops import weight_dequant  # one torch dequantisation: the spec's is already fast
 from deepport.backends.torch_common import all_reduce, all_to_all, sample
 from deepport.core import preconditions
@@ -149,11 +150,12 @@ def _fp8_linear(x, w: Fp8Weight):
     return y.reshape(*lead, y.shape[-1])
 
 
-# GEMMs with a few rows (M = 2..64: batched decode, prefill, experts' token groups) run 1.5-3x faster here
-# with the weight stored K-major ([K, N] contiguous, MKL's no-transpose layout) than as torch's [N, K]
-# (measured in docs/performance.md); M = 1 GEMVs are as fast either way. So the first GEMM with M > 1 on a
-# weight makes its K-major copy, kept while the weight lives and rebuilt if it is modified in place: RAM
-# for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it GEMMs use [N, K]).
+# Where a GEMM reads a weight K-major ([K, N] contiguous, MKL's no-transpose layout) rather than as torch's [N, K]:
+# prefill-sized GEMMs (M > 16) always (1.5-3x faster, docs/performance.md); decode-sized ones (M <= 16) where
+# gemm_layout measured it faster on this machine for that shape and row count (it depends on the CPU: see
+# there). The first GEMM that wants the K-major copy makes it, kept while the weight lives and rebuilt if it is
+# modified in place: RAM for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it
+# GEMMs use [N, K]).
 _LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views])
 _LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
 _layout_bytes = [0]
@@ -193,15 +195,9 @@ def _drop(key) -> None:
         _layout_bytes[0] -= hit[2].numel() * hit[2].element_size()
 
 
-_KMAJOR_TWO_ROWS_MAX = 1 << 20  # bytes: above it a 2-row GEMM streams the weight from memory, faster as [N, K]
-
-
 def _mm(x2, w):
-    """x2 [M, K] @ w[N, K]^T. Two rows (MTP verification) use the K-major copy only for weights that stay in the
-    caches: read from memory, MKL streams [N, K] at 12-14 GB/s and the K-major copy at 9-10 (v3-200m's shapes,
-    caches flushed between calls; docs/performance.md)."""
-    m = x2.shape[0]
-    if m > 2 or (m == 2 and w.numel() * w.element_size() <= _KMAJOR_TWO_ROWS_MAX):
+    """x2 [M, K] @ w[N, K]^T, reading whichever layout of w streams faster here (see above)."""
+    if not torch.compiler.is_compiling() and gemm_layout.kmajor_faster(x2.shape[0], w.shape[1], w.shape[0], w.dtype):
         wt = _kmajor(w)
         if wt is not None:
             return torch.mm(x2, wt)
@@ -213,8 +209,8 @@ def linear(x, w):
         return _fp8_linear(x, w)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
-    if x.numel() == x.shape[-1]:  # one row: a GEMV, fast in torch's layout
-        return F.linear(x, w)
+    if x.dim() == 2:
+        return _mm(x, w)
     return _mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
 
 
@@ -372,8 +368,7 @@ def _swiglu(gate, up):
 def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
     """A few tokens (decode, MTP verification): per token y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x),
     one expert at a time, fp32 accumulation; ids and weights read on the host (free on a CPU)."""
-    # per-expert views made once per stacked weight: indexing w[e] would be one more op per GEMV
-    w1, w2, w3 = (_derived(w, "_deepport_experts", _unbound) for w in (w1, w2, w3))
+    v1, v2, v3 = (_expert_views(w, gemm_layout.kmajor_faster(1, w.shape[2], w.shape[1], w.dtype)) for w in (w1, w2, w3))
     rows = []
     for i, (ids, wts) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
         xi = x if x.shape[0] == 1 else x[i:i + 1]
@@ -381,7 +376,7 @@ def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
         for e, wt in zip(ids, wts):
             if e < 0:
                 continue
-            o = F.linear(_swiglu(F.linear(xi, w1[e]), F.linear(xi, w3[e])), w2[e])
+            o = torch.mm(_swiglu(torch.mm(xi, v1[e]), torch.mm(xi, v3[e])), v2[e])
             o = o if o.dtype == F32 else o.float()
             y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
         rows.append(y if y is not None else torch.zeros(xi.shape, dtype=F32, device=x.device))
@@ -403,9 +398,9 @@ def _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3):
 
 
 def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
-    """Tokens sorted by expert, one GEMM per touched expert (prefill-sized M; reads the counts on the host). Dense
-    weights: each expert's down projection lands in its rows of one [P, D] buffer (mm out=), weighted and added
-    to the tokens once at the end (2 calls an expert fewer than weighting and adding per expert)."""
+    """Tokens sorted by expert, one GEMM per touched expert (reads the counts on the host). Dense weights: each
+    expert's down projection lands in its rows of one [P, D] buffer (mm out=), weighted and added to the tokens
+    once at the end (2 calls an expert fewer than weighting and adding per expert)."""
     m, d = x.shape
     k = topk_ids.shape[1]
     flat = topk_ids.flatten()
@@ -419,55 +414,47 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
     ws = (ws if ws.dtype == F32 else ws.float()).unsqueeze(-1)
     y = torch.zeros(m, d, dtype=F32, device=x.device)
     xs = x.index_select(0, tok)  # whole rows: faster than x[tok] here (2.0 vs 4.8 us)
-    per_expert = _kmajor_experts(w1, w3, w2) if not isinstance(w1, Fp8Weight) else None
-    if per_expert is not None and xs.dtype == F32:
-        t1, t3, t2 = per_expert
-        out = torch.empty(xs.shape[0], d, dtype=F32, device=x.device)
+    if isinstance(w1, Fp8Weight):
         start = 0
         for e, cnt in enumerate(counts[1:]):
             if cnt:
-                xe = xs[start:start + cnt]
-                torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e], out=out[start:start + cnt])
+                sl = slice(start, start + cnt)
+                xe = xs[sl]
+                o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
+                y.index_add_(0, tok[sl], o.float().mul_(ws[sl]))
                 start += cnt
-        return y.index_add_(0, tok, out.mul_(ws))
+        return y
+    stacks = (w1, w3, w2) if w1.dtype == xs.dtype else tuple(w.to(xs.dtype) for w in (w1, w3, w2))  # contract: x.dtype
+    views = {}  # rows bucket -> the three weights' per-expert [K, N] views in the layout measured for it
+    out = torch.empty(xs.shape[0], d, dtype=xs.dtype, device=x.device)
     start = 0
     for e, cnt in enumerate(counts[1:]):
         if cnt:
-            sl = slice(start, start + cnt)
-            xe = xs[sl]
-            if per_expert is not None:
-                t1, t3, t2 = per_expert
-                o = torch.mm(_swiglu(torch.mm(xe, t1[e]), torch.mm(xe, t3[e])), t2[e])
-            elif isinstance(w1, Fp8Weight):
-                o = linear(silu_mul(torch.cat((linear(xe, w1[e]), linear(xe, w3[e])), dim=-1)), w2[e])
-            else:  # no room for the K-major copies: [N, K] as stored (linear would copy each transient view w[e])
-                o = F.linear(_swiglu(F.linear(xe, w1[e].to(xe.dtype)), F.linear(xe, w3[e].to(xe.dtype))),
-                             w2[e].to(xe.dtype))
-            y.index_add_(0, tok[sl], (o if o.dtype == F32 else o.float()).mul_(ws[sl]))
+            b = gemm_layout.bucket(cnt)
+            if b not in views:
+                views[b] = [_expert_views(w, gemm_layout.kmajor_faster(b, w.shape[2], w.shape[1], w.dtype))
+                            for w in stacks]
+            v1, v3, v2 = views[b]
+            xe = xs[start:start + cnt]
+            torch.mm(_swiglu(torch.mm(xe, v1[e]), torch.mm(xe, v3[e])), v2[e], out=out[start:start + cnt])
             start += cnt
-    return y
+    return y.index_add_(0, tok, (out if out.dtype == F32 else out.float()).mul_(ws))
 
 
-def _kmajor_experts(w1, w3, w2):
-    """Per-expert views of the three K-major expert copies ([D, I], [D, I], [I, D] each), made once and kept in
-    the copy's own _LAYOUT entry (dropped with it); None when the three may not all be made (see _kmajor): then
-    none is made, rather than one or two that the caller could not use."""
-    missing = 0
-    for w in (w1, w3, w2):
-        hit = _LAYOUT.get(id(w))
-        if hit is None or hit[0]() is not w or hit[1] != _version(w):
-            missing += w.numel() * w.element_size()
-    if missing and _layout_bytes[0] + missing > _LAYOUT_BUDGET:
-        return None
-    out = []
-    for w in (w1, w3, w2):
-        if _kmajor(w) is None:
-            return None
+def _expert_views(w, kmajor: bool):
+    """Per-expert [K, N] views of a stacked expert weight w [E, N, K]: views of its K-major copy (if asked for and
+    the copy may be made), else transposed views of w itself (the same MKL call F.linear makes). Each kept with
+    its own weight (freed with it)."""
+    if kmajor and _kmajor(w) is not None:
         hit = _LAYOUT[id(w)]
         if len(hit) == 3:  # (weakref to w, w's version, K-major copy): add the copy's views
             hit = _LAYOUT[id(w)] = (*hit, hit[2].unbind(0))
-        out.append(hit[3])
-    return out
+        return hit[3]
+    return _derived(w, "_deepport_experts_t", _transposed_views)
+
+
+def _transposed_views(w):
+    return tuple(v.t() for v in _unbound(w))
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):

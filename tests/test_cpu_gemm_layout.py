@@ -1,0 +1,130 @@
+"""The cpu backend's per-machine choice of weight layout for decode GEMMs (backends/cpu/gemm_layout.py): both
+layouts give cpu_ref's results on every GEMM path, the choice is measured once and kept in the cache file,
+and a bad setting or cache file is handled."""
+import json
+
+import pytest
+import torch
+
+from deepport.backends.cpu import gemm_layout
+from deepport.backends.cpu import ops as cpu
+from deepport.backends.cpu_ref import ops as ref
+from deepport.core.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """One torch thread, an empty DEEPPORT_CACHE, and no remembered choices before and after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))
+    monkeypatch.delenv("DEEPPORT_CPU_GEMM_LAYOUT", raising=False)
+    gemm_layout.reset()
+    yield
+    gemm_layout.reset()
+    torch.set_num_threads(n)
+
+
+def _no_measuring(*a):
+    raise AssertionError("measured, but the choice should have come from the rule, the setting or the cache")
+
+
+@pytest.mark.parametrize("layout", ["kmajor", "nk"])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 40])
+def test_linear_matches_cpu_ref_in_either_layout(monkeypatch, layout, m):
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", layout)
+    g = torch.Generator().manual_seed(31 + m)
+    x, w = torch.randn(m, 96, generator=g), torch.randn(160, 96, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w).double(), ref.linear(x.double(), w.double()), rtol=1e-5, atol=1e-5)
+    x3 = x.view(1, m, 96)  # [B, S, D] activations take the same path
+    torch.testing.assert_close(cpu.linear(x3, w), cpu.linear(x, w).view(1, m, 160), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["kmajor", "nk"])
+@pytest.mark.parametrize("m", [1, 2, 8, 24])
+def test_moe_experts_match_cpu_ref_in_either_layout(monkeypatch, layout, m):
+    """m = 1, 2: the per-token loop; 8, 24: sorted groups with 1..n rows an expert (several row buckets)."""
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", layout)
+    g = torch.Generator().manual_seed(7 + m)
+    e, i, d, k = 16, 48, 80, 4
+    x = torch.randn(m, d, generator=g)
+    w1, w3 = (torch.randn(e, i, d, generator=g) * 0.1 for _ in range(2))
+    w2 = torch.randn(e, d, i, generator=g) * 0.1
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    ids[0, 0] = -1  # an expert on another rank contributes nothing
+    wts = torch.rand(m, k, generator=g)
+    want = ref.moe_experts(x.double(), wts, ids, w1.double(), w2.double(), w3.double())
+    torch.testing.assert_close(cpu.moe_experts(x, wts, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_nk_makes_no_kmajor_copy(monkeypatch):
+    import gc
+
+    gc.collect()
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "nk")
+    g = torch.Generator().manual_seed(3)
+    before = cpu._layout_bytes[0]
+    cpu.linear(torch.randn(4, 64, generator=g), torch.randn(32, 64, generator=g))
+    cpu.linear(torch.randn(40, 64, generator=g), torch.randn(32, 64, generator=g))  # prefill-sized too
+    assert cpu._layout_bytes[0] == before
+
+
+def test_small_weights_and_prefill_sized_gemms_are_not_measured(monkeypatch):
+    monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
+    assert gemm_layout.kmajor_faster(1, 256, 128, torch.float32) is True  # 128 KiB: K-major, no measuring
+    assert gemm_layout.kmajor_faster(64, 4096, 4096, torch.float32) is True  # M > 16: compute-bound
+    assert not (gemm_layout.cache_path()).exists()
+
+
+def test_a_measured_choice_is_kept_in_the_cache_file_and_read_back(monkeypatch):
+    calls = []
+    real = gemm_layout.measure
+
+    def counting(m, k, n, dtype):
+        calls.append((m, k, n))
+        return real(m, k, n, dtype)
+
+    monkeypatch.setattr(gemm_layout, "_STREAM_BYTES", 8 << 20)  # a quick measurement
+    monkeypatch.setattr(gemm_layout, "measure", counting)
+    first = gemm_layout.kmajor_faster(3, 1024, 512, torch.float32)  # 2 MiB weight, 3 rows: bucket 4
+    assert calls == [(4, 1024, 512)] and isinstance(first, bool)
+    assert gemm_layout.kmajor_faster(4, 1024, 512, torch.float32) is first and len(calls) == 1  # same bucket
+    data = json.loads(gemm_layout.cache_path().read_text())
+    assert data[gemm_layout.machine()] == {"4x1024x512:float32": first}
+
+    gemm_layout.reset()  # a new process: the file answers, nothing is measured
+    monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
+    assert gemm_layout.kmajor_faster(4, 1024, 512, torch.float32) is first
+
+
+def test_the_setting_fixes_the_layout_without_measuring(monkeypatch):
+    monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "nk")
+    assert gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32) is False
+    gemm_layout.reset()
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "kmajor")
+    assert gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32) is True
+
+
+def test_a_bad_setting_names_the_choices(monkeypatch):
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "fast")
+    with pytest.raises(ConfigError, match="tuned .*kmajor.*nk"):
+        gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32)
+
+
+def test_a_corrupt_cache_file_is_measured_again_and_rewritten(monkeypatch):
+    path = gemm_layout.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    monkeypatch.setattr(gemm_layout, "measure", lambda *a: True)
+    assert gemm_layout.kmajor_faster(1, 2048, 1024, torch.float32) is True
+    assert json.loads(path.read_text())[gemm_layout.machine()] == {"1x2048x1024:float32": True}
+
+
+def test_the_measurement_announces_itself_once(monkeypatch, capsys):
+    monkeypatch.setattr(gemm_layout, "_STREAM_BYTES", 4 << 20)
+    monkeypatch.setattr(gemm_layout, "_announced", [False])
+    gemm_layout.kmajor_faster(1, 1024, 1024, torch.float32)
+    gemm_layout.kmajor_faster(2, 1024, 1024, torch.float32)
+    err = capsys.readouterr().err
+    assert err.count("measuring the faster weight layout") == 1 and str(gemm_layout.cache_path()) in err
