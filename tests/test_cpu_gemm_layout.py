@@ -128,3 +128,31 @@ def test_the_measurement_announces_itself_once(monkeypatch, capsys):
     gemm_layout.kmajor_faster(2, 1024, 1024, torch.float32)
     err = capsys.readouterr().err
     assert err.count("measuring the faster weight layout") == 1 and str(gemm_layout.cache_path()) in err
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_the_fused_gate_up_copy_follows_in_place_updates_of_either_weight(monkeypatch, m):
+    """K-major w1/w3 means one copy of [w1 ; w3]: remade when w1 or w3 changes in place, gone with w1."""
+    import gc
+    import weakref
+
+    gc.collect()
+    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "kmajor")
+    g = torch.Generator().manual_seed(40 + m)
+    e, i, d, k = 8, 32, 48, 2
+    x = torch.randn(m, d, generator=g)
+    w1, w3 = (torch.randn(e, i, d, generator=g) * 0.1 for _ in range(2))
+    w2 = torch.randn(e, d, i, generator=g) * 0.1
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    wts = torch.rand(m, k, generator=g)
+    before = cpu._layout_bytes[0]
+    for change in (None, lambda: w3.mul_(-1.5), lambda: w1[ids[0, 0]].add_(0.25)):
+        if change:
+            change()
+        want = ref.moe_experts(x.double(), wts, ids, w1.double(), w2.double(), w3.double())
+        torch.testing.assert_close(cpu.moe_experts(x, wts, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
+    assert ("gate_up", id(w1)) in cpu._LAYOUT
+    alive = weakref.ref(w1)
+    del w1, w2, w3
+    gc.collect()
+    assert alive() is None and cpu._layout_bytes[0] == before

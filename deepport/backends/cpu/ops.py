@@ -156,7 +156,7 @@ def _fp8_linear(x, w: Fp8Weight):
 # there). The first GEMM that wants the K-major copy makes it, kept while the weight lives and rebuilt if it is
 # modified in place: RAM for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it
 # GEMMs use [N, K]).
-_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views])
+_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views]); see _gate_up
 _LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
 _layout_bytes = [0]
 
@@ -368,7 +368,8 @@ def _swiglu(gate, up):
 def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
     """A few tokens (decode, MTP verification): per token y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x),
     one expert at a time, fp32 accumulation; ids and weights read on the host (free on a CPU)."""
-    v1, v2, v3 = (_expert_views(w, gemm_layout.kmajor_faster(1, w.shape[2], w.shape[1], w.dtype)) for w in (w1, w2, w3))
+    v13, v1, v3, v2 = _moe_views(w1, w3, w2, 1)
+    i_ = w1.shape[1]
     rows = []
     for i, (ids, wts) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
         xi = x if x.shape[0] == 1 else x[i:i + 1]
@@ -376,7 +377,12 @@ def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
         for e, wt in zip(ids, wts):
             if e < 0:
                 continue
-            o = torch.mm(_swiglu(torch.mm(xi, v1[e]), torch.mm(xi, v3[e])), v2[e])
+            if v13 is not None:
+                gu = torch.mm(xi, v13[e])
+                h = _swiglu(gu[:, :i_], gu[:, i_:])
+            else:
+                h = _swiglu(torch.mm(xi, v1[e]), torch.mm(xi, v3[e]))
+            o = torch.mm(h, v2[e])
             o = o if o.dtype == F32 else o.float()
             y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
         rows.append(y if y is not None else torch.zeros(xi.shape, dtype=F32, device=x.device))
@@ -424,21 +430,64 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
                 y.index_add_(0, tok[sl], o.float().mul_(ws[sl]))
                 start += cnt
         return y
-    stacks = (w1, w3, w2) if w1.dtype == xs.dtype else tuple(w.to(xs.dtype) for w in (w1, w3, w2))  # contract: x.dtype
-    views = {}  # rows bucket -> the three weights' per-expert [K, N] views in the layout measured for it
+    if w1.dtype != xs.dtype:  # the contract says x.dtype; never on the hot path (weights load in the compute dtype)
+        w1, w2, w3 = (w.to(xs.dtype) for w in (w1, w2, w3))
+    i_ = w1.shape[1]
+    views = {}  # rows bucket -> the per-expert views in the layouts measured for it (see _moe_views)
     out = torch.empty(xs.shape[0], d, dtype=xs.dtype, device=x.device)
     start = 0
     for e, cnt in enumerate(counts[1:]):
         if cnt:
             b = gemm_layout.bucket(cnt)
             if b not in views:
-                views[b] = [_expert_views(w, gemm_layout.kmajor_faster(b, w.shape[2], w.shape[1], w.dtype))
-                            for w in stacks]
-            v1, v3, v2 = views[b]
+                views[b] = _moe_views(w1, w3, w2, b)
+            v13, v1, v3, v2 = views[b]
             xe = xs[start:start + cnt]
-            torch.mm(_swiglu(torch.mm(xe, v1[e]), torch.mm(xe, v3[e])), v2[e], out=out[start:start + cnt])
+            if v13 is not None:
+                gu = torch.mm(xe, v13[e])
+                h = _swiglu(gu[:, :i_], gu[:, i_:])
+            else:
+                h = _swiglu(torch.mm(xe, v1[e]), torch.mm(xe, v3[e]))
+            torch.mm(h, v2[e], out=out[start:start + cnt])
             start += cnt
     return y.index_add_(0, tok, (out if out.dtype == F32 else out.float()).mul_(ws))
+
+
+def _moe_views(w1, w3, w2, rows: int):
+    """(gate_up, w1, w3, w2) per-expert views for GEMMs of `rows` rows: where gemm_layout measured K-major faster
+    for w1's shape, gate_up holds views of one K-major copy of [w1 ; w3] ([D, 2I] an expert: gate and up in one
+    GEMM, one stream from memory; decode steps 5-8% faster than two GEMVs, docs/performance.md) and w1, w3 are
+    None; else gate_up is None and w1, w3 are transposed views of the weights as stored. w2: [K, N] views in its
+    own measured layout."""
+    v13 = None
+    if gemm_layout.kmajor_faster(rows, w1.shape[2], w1.shape[1], w1.dtype):
+        v13 = _gate_up(w1, w3)
+    v1, v3 = (None, None) if v13 is not None else (_expert_views(w1, False), _expert_views(w3, False))
+    return v13, v1, v3, _expert_views(w2, gemm_layout.kmajor_faster(rows, w2.shape[2], w2.shape[1], w2.dtype))
+
+
+def _gate_up(w1, w3):
+    """Per-expert views of one K-major copy of [w1 ; w3] ([E, D, 2I]), kept in _LAYOUT while w1 lives (and
+    counted in its budget); remade after an in-place change of either; None when it may not be made."""
+    if w1.requires_grad or w3.requires_grad or torch.compiler.is_compiling():
+        return None
+    key = ("gate_up", id(w1))
+    v = (_version(w1), _version(w3))
+    hit = _LAYOUT.get(key)
+    if hit is not None and hit[0]() is w1 and hit[1] == v and hit[4]() is w3:
+        return hit[3]
+    if hit is not None:
+        _drop(key)
+    e, i, d = w1.shape
+    nbytes = 2 * w1.numel() * w1.element_size()
+    if _layout_bytes[0] + nbytes > _LAYOUT_BUDGET:
+        return None
+    out = torch.empty(e, d, 2 * i, dtype=w1.dtype, device=w1.device)
+    out[:, :, :i].copy_(w1.transpose(1, 2))
+    out[:, :, i:].copy_(w3.transpose(1, 2))
+    _LAYOUT[key] = (weakref.ref(w1, lambda _, k=key: _drop(k)), v, out, out.unbind(0), weakref.ref(w3))
+    _layout_bytes[0] += nbytes
+    return _LAYOUT[key][3]
 
 
 def _expert_views(w, kmajor: bool):
