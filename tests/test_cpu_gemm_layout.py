@@ -29,21 +29,24 @@ def _no_measuring(*a):
     raise AssertionError("measured, but the choice should have come from the rule, the setting or the cache")
 
 
-@pytest.mark.parametrize("layout", ["kmajor", "nk"])
+@pytest.mark.parametrize("layout", ["kmajor", "nk", "onednn"])
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 40])
-def test_linear_matches_cpu_ref_in_either_layout(monkeypatch, layout, m):
+def test_linear_matches_cpu_ref_in_every_layout(monkeypatch, layout, m):
     monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", layout)
     g = torch.Generator().manual_seed(31 + m)
     x, w = torch.randn(m, 96, generator=g), torch.randn(160, 96, generator=g)
     torch.testing.assert_close(cpu.linear(x, w).double(), ref.linear(x.double(), w.double()), rtol=1e-5, atol=1e-5)
     x3 = x.view(1, m, 96)  # [B, S, D] activations take the same path
     torch.testing.assert_close(cpu.linear(x3, w), cpu.linear(x, w).view(1, m, 160), rtol=0, atol=0)
+    xt = torch.randn(96, m, generator=g).t()  # a non-contiguous activation
+    torch.testing.assert_close(cpu.linear(xt, w).double(), ref.linear(xt.double(), w.double()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["kmajor", "nk"])
+@pytest.mark.parametrize("layout", ["kmajor", "nk", "onednn"])
 @pytest.mark.parametrize("m", [1, 2, 8, 24])
-def test_moe_experts_match_cpu_ref_in_either_layout(monkeypatch, layout, m):
-    """m = 1, 2: the per-token loop; 8, 24: sorted groups with 1..n rows an expert (several row buckets)."""
+def test_moe_experts_match_cpu_ref_in_every_layout(monkeypatch, layout, m):
+    """m = 1, 2: the per-token loop; 8, 24: sorted groups with 1..n rows an expert (several row buckets). onednn
+    is for dense weights: the experts read [N, K] then."""
     monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", layout)
     g = torch.Generator().manual_seed(7 + m)
     e, i, d, k = 16, 48, 80, 4
@@ -71,8 +74,8 @@ def test_nk_makes_no_kmajor_copy(monkeypatch):
 
 def test_small_weights_and_prefill_sized_gemms_are_not_measured(monkeypatch):
     monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
-    assert gemm_layout.kmajor_faster(1, 256, 128, torch.float32) is True  # 128 KiB: K-major, no measuring
-    assert gemm_layout.kmajor_faster(64, 4096, 4096, torch.float32) is True  # M > 16: compute-bound
+    assert gemm_layout.layout(1, 256, 128, torch.float32) == "kmajor"  # 128 KiB: K-major, no measuring
+    assert gemm_layout.layout(64, 4096, 4096, torch.float32) == "kmajor"  # M > 16: compute-bound
     assert not (gemm_layout.cache_path()).exists()
 
 
@@ -86,48 +89,63 @@ def test_a_measured_choice_is_kept_in_the_cache_file_and_read_back(monkeypatch):
 
     monkeypatch.setattr(gemm_layout, "_STREAM_BYTES", 8 << 20)  # a quick measurement
     monkeypatch.setattr(gemm_layout, "measure", counting)
-    first = gemm_layout.kmajor_faster(3, 1024, 512, torch.float32)  # 2 MiB weight, 3 rows: bucket 4
-    assert calls == [(4, 1024, 512)] and isinstance(first, bool)
-    assert gemm_layout.kmajor_faster(4, 1024, 512, torch.float32) is first and len(calls) == 1  # same bucket
-    data = json.loads(gemm_layout.cache_path().read_text())
-    assert data[gemm_layout.machine()] == {"4x1024x512:float32": first}
+    first = gemm_layout.layout(3, 1024, 512, torch.float32)  # 2 MiB weight, 3 rows: bucket 4
+    assert calls == [(4, 1024, 512)] and first in gemm_layout.LAYOUTS
+    assert gemm_layout.layout(4, 1024, 512, torch.float32) == first and len(calls) == 1  # same bucket
+    rates = json.loads(gemm_layout.cache_path().read_text())[gemm_layout.machine()]["4x1024x512:float32"]
+    assert {"nk", "kmajor"} <= set(rates) and all(v > 0 for v in rates.values())  # GB/s of each way
 
     gemm_layout.reset()  # a new process: the file answers, nothing is measured
     monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
-    assert gemm_layout.kmajor_faster(4, 1024, 512, torch.float32) is first
+    assert gemm_layout.layout(4, 1024, 512, torch.float32) == first
+
+
+def test_the_choice_follows_the_rates(monkeypatch):
+    """[N, K] unless another way is >= 3% faster; oneDNN only for dense weights."""
+    rates = {"8x1024x512:float32": {"nk": 5.0, "kmajor": 5.1, "onednn": 7.0},
+             "1x1024x512:float32": {"nk": 5.0, "kmajor": 9.0, "onednn": 5.0},
+             "2x1024x512:float32": {"nk": 5.0, "kmajor": 4.0}}
+    monkeypatch.setattr(gemm_layout, "measure", lambda m, k, n, dtype: rates[f"{m}x{k}x{n}:float32"])
+    f32 = torch.float32
+    assert gemm_layout.layout(8, 1024, 512, f32) == "onednn"
+    assert gemm_layout.layout(8, 1024, 512, f32, dense=False) == "nk" and not gemm_layout.kmajor_faster(8, 1024, 512, f32)
+    assert gemm_layout.layout(1, 1024, 512, f32) == "kmajor" and gemm_layout.kmajor_faster(1, 1024, 512, f32)
+    assert gemm_layout.layout(2, 1024, 512, f32) == "nk"
 
 
 def test_the_setting_fixes_the_layout_without_measuring(monkeypatch):
     monkeypatch.setattr(gemm_layout, "measure", _no_measuring)
-    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "nk")
-    assert gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32) is False
-    gemm_layout.reset()
-    monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "kmajor")
-    assert gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32) is True
+    for value in ("nk", "kmajor", "onednn"):
+        gemm_layout.reset()
+        monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", value)
+        assert gemm_layout.layout(1, 4096, 4096, torch.float32) == value
+        assert gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32) is (value == "kmajor")
 
 
 def test_a_bad_setting_names_the_choices(monkeypatch):
     monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "fast")
-    with pytest.raises(ConfigError, match="tuned .*kmajor.*nk"):
-        gemm_layout.kmajor_faster(1, 4096, 4096, torch.float32)
+    with pytest.raises(ConfigError, match="tuned .*kmajor.*nk.*onednn"):
+        gemm_layout.layout(1, 4096, 4096, torch.float32)
 
 
-def test_a_corrupt_cache_file_is_measured_again_and_rewritten(monkeypatch):
+@pytest.mark.parametrize("content", ["{not json", '{"%s": {"1x2048x1024:float32": true}}', "[1, 2]"])
+def test_a_corrupt_or_stale_cache_file_is_measured_again_and_rewritten(monkeypatch, content):
     path = gemm_layout.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{not json")
-    monkeypatch.setattr(gemm_layout, "measure", lambda *a: True)
-    assert gemm_layout.kmajor_faster(1, 2048, 1024, torch.float32) is True
-    assert json.loads(path.read_text())[gemm_layout.machine()] == {"1x2048x1024:float32": True}
+    path.write_text(content.replace("%s", gemm_layout.machine()))
+    monkeypatch.setattr(gemm_layout, "measure", lambda *a: {"nk": 1.0, "kmajor": 2.0})
+    assert gemm_layout.layout(1, 2048, 1024, torch.float32) == "kmajor"
+    assert json.loads(path.read_text())[gemm_layout.machine()] == {"1x2048x1024:float32": {"nk": 1.0, "kmajor": 2.0}}
 
 
 def test_the_measurement_announces_itself_once(monkeypatch, capsys):
     monkeypatch.setattr(gemm_layout, "_STREAM_BYTES", 4 << 20)
     monkeypatch.setattr(gemm_layout, "_announced", [False])
-    gemm_layout.kmajor_faster(1, 1024, 1024, torch.float32)
-    gemm_layout.kmajor_faster(2, 1024, 1024, torch.float32)
+    gemm_layout.layout(1, 1024, 1024, torch.float32)
+    gemm_layout.layout(2, 1024, 1024, torch.float32)
     err = capsys.readouterr().err
-    assert err.count("measuring the faster weight layout") == 1 and str(gemm_layout.cache_path()) in err
+    assert err.count("measuring how this CPU's decode GEMMs read their weights") == 1
+    assert str(gemm_layout.cache_path()) in err
 
 
 @pytest.mark.parametrize("m", [1, 8])

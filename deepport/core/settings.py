@@ -75,12 +75,13 @@ def probe_timeout_s() -> float:
 
 
 def cpu_gemm_layout() -> str:
-    """DEEPPORT_CPU_GEMM_LAYOUT: how the cpu backend lays out weights for decode GEMMs: tuned (default: measured
-    once per shape on this machine), kmajor (always the K-major copy) or nk (always torch's [N, K])."""
+    """DEEPPORT_CPU_GEMM_LAYOUT: how the cpu backend reads weights in GEMMs: tuned (default: measured once per
+    shape on this machine), kmajor (always a K-major copy), nk (always torch's [N, K]) or onednn (dense weights
+    through oneDNN, experts [N, K])."""
     value = (os.environ.get("DEEPPORT_CPU_GEMM_LAYOUT") or "tuned").lower()
-    if value not in ("tuned", "kmajor", "nk"):
+    if value not in ("tuned", "kmajor", "nk", "onednn"):
         from deepport.core.errors import ConfigError
 
-        raise ConfigError(f"DEEPPORT_CPU_GEMM_LAYOUT={value!r} is not a layout; use tuned (the default), kmajor or "
-                          f"nk, or unset it")
+        raise ConfigError(f"DEEPPORT_CPU_GEMM_LAYOUT={value!r} is not a layout; use tuned (the default), kmajor, "
+                          f"nk or onednn, or unset it")
     return value

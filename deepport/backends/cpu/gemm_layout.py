@@ -1,14 +1,18 @@
-"""Which weight layout streams faster in a decode-sized GEMM on this CPU: torch's [N, K] or a K-major copy.
+"""How a decode-sized GEMM on this CPU should read its weight: torch's [N, K], a K-major copy, or through oneDNN.
 
-A decode GEMM (M = 1..16 rows) reads its weight from memory, and how fast MKL streams it depends on the CPU,
-the shape and M, in ways no fixed rule captures. Measured with weights read from memory (docs/performance.md):
-on a Zen 4 EPYC an M = 1 GEMV with K = 512, N = 1024 streams the K-major copy 1.9x faster than [N, K], while
-K = 1024, N = 512 streams [N, K] 1.6x faster, and at M = 8 [N, K] wins on every weight over 2 MB; on a Xeon the
-2-row GEMMs of the same weights streamed [N, K] faster. So the cpu backend measures each (rows bucket, K, N,
-dtype) once on first use, with weights that do not fit in the caches, and keeps the answer in memory and in
-<DEEPPORT_CACHE>/cpu-gemm-layout.json, keyed by this machine (CPU model, ISA, torch version, threads).
-DEEPPORT_CPU_GEMM_LAYOUT=kmajor|nk fixes the choice for every GEMM (nk: no K-major copies, half the RAM for
-weights; no measuring). Not measured: prefill-sized GEMMs
+A decode GEMM (M = 1..16 rows) reads its weight from memory, and how fast it streams depends on the CPU, the
+shape and M, in ways no fixed rule captures. Measured with weights read from memory (docs/performance.md): on a
+Zen 4 EPYC an M = 1 GEMV with K = 512, N = 1024 streams MKL's K-major copy 1.9x faster than [N, K], while
+K = 1024, N = 512 streams [N, K] 1.6x faster; at M = 8 oneDNN's fp32 matmul streams the largest weights 1.2-2x
+faster than MKL in either layout; on a Xeon the 2-row GEMMs of the same weights streamed [N, K] faster. So the
+cpu backend measures each (rows bucket, K, N, dtype) once on first use, with weights that do not fit in the
+caches, and keeps the rates in memory and in <DEEPPORT_CACHE>/cpu-gemm-layout.json, keyed by this machine (CPU
+model, ISA, torch version, threads): a later process measures nothing.
+
+The choice: [N, K] (as stored, no RAM) unless another way is >= 3% faster. oneDNN reads [N, K] as stored (no
+copy) but is offered only to dense weights (`linear`); the MoE's per-expert views choose between [N, K] and K-major.
+DEEPPORT_CPU_GEMM_LAYOUT=kmajor|nk|onednn fixes the choice for every GEMM (nk: no K-major copies, half the RAM for
+weights; onednn: dense weights through oneDNN, experts as nk; no measuring). Not measured: prefill-sized GEMMs
 (M > 16: compute-bound, always the K-major copy, 1.5-3x faster than [N, K]) and weights under 1 MiB (the
 embedded model's: K-major, which is as fast or a few percent faster there, and what its prefill copies anyway).
 """
@@ -26,13 +30,14 @@ from deepport.core import settings
 
 TUNED_MAX_ROWS = 16  # above it a GEMM is compute-bound: K-major, no measuring
 TUNED_MIN_BYTES = 1 << 20  # smaller weights: K-major, no measuring
+LAYOUTS = ("nk", "kmajor", "onednn")
 _BUCKETS = (1, 2, 4, 8, 16)
-_MIN_GAIN = 1.03  # the K-major copy costs RAM: take it only when it is measurably faster
+_MIN_GAIN = 1.03  # [N, K] unless another way is measurably faster (a K-major copy costs RAM)
 _STREAM_BYTES = 64 << 20  # at least this much weight is streamed per measurement (more than the L3 twice)
 _MAX_WEIGHT_BYTES = 256 << 20  # bigger weights are measured on their first N rows (same K): as slow per byte
 
-_choices: dict[str, bool] = {}  # "<rows bucket>x<K>x<N>:<dtype>" -> K-major is faster (what the cache file holds)
-_memo: dict[tuple, bool] = {}  # (m, k, n, dtype) -> the decision: one dict lookup per GEMM on the hot path
+_rates: dict[str, dict[str, float]] = {}  # "<rows bucket>x<K>x<N>:<dtype>" -> layout -> GB/s (the cache file)
+_memo: dict[tuple, str] = {}  # (m, k, n, dtype, dense) -> the layout: one dict lookup per GEMM on the hot path
 _loaded = [False]
 _announced = [False]
 
@@ -45,29 +50,37 @@ def bucket(m: int) -> int:
     return m
 
 
-def kmajor_faster(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
-    """True when a GEMM [m, k] x [k, n] should read the K-major copy of its weight, False for [N, K]."""
-    hit = _memo.get((m, k, n, dtype))
+def layout(m: int, k: int, n: int, dtype: torch.dtype, dense: bool = True) -> str:
+    """How a GEMM [m, k] x [k, n] should read its weight: "nk", "kmajor" or (dense weights only) "onednn"."""
+    hit = _memo.get((m, k, n, dtype, dense))
     if hit is None:
-        hit = _memo[(m, k, n, dtype)] = _decide(m, k, n, dtype)
+        hit = _memo[(m, k, n, dtype, dense)] = _decide(m, k, n, dtype, dense)
     return hit
 
 
-def _decide(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
+def kmajor_faster(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
+    """For per-expert views: True when the K-major copy beats [N, K] (oneDNN is not offered there)."""
+    return layout(m, k, n, dtype, dense=False) == "kmajor"
+
+
+def _decide(m: int, k: int, n: int, dtype: torch.dtype, dense: bool) -> str:
     forced = settings.cpu_gemm_layout()
     if forced != "tuned":
-        return forced == "kmajor"
-    if m > TUNED_MAX_ROWS:
-        return True
-    if k * n * torch.empty((), dtype=dtype).element_size() < TUNED_MIN_BYTES:
-        return True
+        return forced if dense or forced != "onednn" else "nk"
+    if m > TUNED_MAX_ROWS or k * n * torch.empty((), dtype=dtype).element_size() < TUNED_MIN_BYTES:
+        return "kmajor"
     key = f"{bucket(m)}x{k}x{n}:{str(dtype).removeprefix('torch.')}"
-    if key not in _choices and not _loaded[0]:
+    if key not in _rates and not _loaded[0]:
         _load()
-    if key not in _choices:
-        _choices[key] = measure(bucket(m), k, n, dtype)
+    if key not in _rates:
+        _rates[key] = measure(bucket(m), k, n, dtype)
         _save()
-    return _choices[key]
+    rates = _rates[key]
+    best = "nk"
+    for name in ("kmajor", "onednn") if dense else ("kmajor",):
+        if rates.get(name, 0.0) > max(rates.get(best, 0.0), rates.get("nk", 0.0) * _MIN_GAIN):
+            best = name
+    return best
 
 
 def machine() -> str:
@@ -82,18 +95,23 @@ def cache_path() -> Path:
     return settings.cache_dir() / "cpu-gemm-layout.json"
 
 
+def _valid(entry) -> bool:
+    return (isinstance(entry, dict) and "nk" in entry and set(entry) <= set(LAYOUTS)
+            and all(isinstance(v, (int, float)) and v >= 0 for v in entry.values()))
+
+
 def _load() -> None:
     _loaded[0] = True
     try:
         data = json.loads(cache_path().read_text())
         entries = data.get(machine(), {}) if isinstance(data, dict) else {}
-        _choices.update({k: v for k, v in entries.items() if isinstance(v, bool) and k not in _choices})
-    except (OSError, ValueError):
+        _rates.update({k: v for k, v in entries.items() if _valid(v) and k not in _rates})
+    except (OSError, ValueError, AttributeError):
         pass  # no cache yet, or unreadable: measure again
 
 
 def _save() -> None:
-    """Merge this process's choices into the cache file (atomic replace; a failure costs only re-measuring)."""
+    """Merge this process's rates into the cache file (atomic replace; a failure costs only re-measuring)."""
     path = cache_path()
     try:
         try:
@@ -101,7 +119,10 @@ def _save() -> None:
             data = data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             data = {}
-        data.setdefault(machine(), {}).update(_choices)
+        mine = data.get(machine())
+        mine = {k: v for k, v in mine.items() if _valid(v)} if isinstance(mine, dict) else {}
+        mine.update(_rates)
+        data[machine()] = mine
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -110,44 +131,66 @@ def _save() -> None:
         pass
 
 
-def measure(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
-    """Time [m, k] x W from memory with W as [N, K] and as K-major, alternating, best of 3 passes each over
-    enough copies of W that every read misses the caches. True when K-major is >= 3% faster."""
+def onednn_linear(x, w):
+    """x [M, K] @ w[N, K]^T through oneDNN's fp32/bf16 matmul (w read as stored)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _onednn_works(x, w) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return torch.allclose(onednn_linear(x, w[0]), F.linear(x, w[0]), rtol=1e-3, atol=1e-3)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def measure(m: int, k: int, n: int, dtype: torch.dtype) -> dict[str, float]:
+    """GB/s of [m, k] x W from memory, W read as [N, K], as a K-major copy and (where it works) through
+    oneDNN: alternating, best of 3 passes each over enough copies of W that every read misses the caches."""
     if not _announced[0]:
         _announced[0] = True
-        print(f"deepport: measuring the faster weight layout for this CPU's decode GEMMs (once per shape; kept in "
-              f"{cache_path()})", file=sys.stderr, flush=True)
+        print(f"deepport: measuring how this CPU's decode GEMMs read their weights fastest (once per shape; kept "
+              f"in {cache_path()})", file=sys.stderr, flush=True)
     esize = torch.empty((), dtype=dtype).element_size()
     n = max(1, min(n, _MAX_WEIGHT_BYTES // max(1, k * esize)))
     per = k * n * esize
     copies = max(2, math.ceil(_STREAM_BYTES / per))
-    x = torch.ones(m, k, dtype=dtype)
-    w_nk = torch.ones(copies, n, k, dtype=dtype)
-    w_km = torch.ones(copies, k, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w_nk = torch.randn(1, n, k, generator=g).to(dtype).expand(copies, n, k).contiguous()
+    w_km = w_nk.transpose(1, 2).contiguous()
     views_nk, views_km = w_nk.unbind(0), w_km.unbind(0)
 
     def nk():
         for w in views_nk:
             F.linear(x, w)
 
-    def km():
+    def kmajor():
         for w in views_km:
             torch.mm(x, w)
 
-    best = {nk: float("inf"), km: float("inf")}
-    for f in (nk, km):
+    def onednn():
+        for w in views_nk:
+            onednn_linear(x, w)
+
+    ways = {"nk": nk, "kmajor": kmajor}
+    if _onednn_works(x, w_nk):
+        ways["onednn"] = onednn
+    best = dict.fromkeys(ways, float("inf"))
+    for f in ways.values():
         f()  # touch the pages
     for _ in range(3):
-        for f in (nk, km):
+        for name, f in ways.items():
             t = time.perf_counter()
             f()
-            best[f] = min(best[f], time.perf_counter() - t)
-    return best[nk] > best[km] * _MIN_GAIN
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: round(per * copies / t / 1e9, 2) for name, t in best.items()}
 
 
 def reset() -> None:
     """Forget the in-memory choices (tests, a changed DEEPPORT_CPU_GEMM_LAYOUT; the next call reads the cache
     file again)."""
-    _choices.clear()
+    _rates.clear()
     _memo.clear()
     _loaded[0] = False

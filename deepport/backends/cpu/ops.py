@@ -153,7 +153,7 @@ def _fp8_linear(x, w: Fp8Weight):
 # Where a GEMM reads a weight K-major ([K, N] contiguous, MKL's no-transpose layout) rather than as torch's [N, K]:
 # prefill-sized GEMMs (M > 16) always (1.5-3x faster, docs/performance.md); decode-sized ones (M <= 16) where
 # gemm_layout measured it faster on this machine for that shape and row count (it depends on the CPU: see
-# there). The first GEMM that wants the K-major copy makes it, kept while the weight lives and rebuilt if it is
+# there; dense weights may also go through oneDNN as stored). The first GEMM that wants the K-major copy makes it, kept while the weight lives and rebuilt if it is
 # modified in place: RAM for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it
 # GEMMs use [N, K]).
 _LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views]); see _gate_up
@@ -196,11 +196,17 @@ def _drop(key) -> None:
 
 
 def _mm(x2, w):
-    """x2 [M, K] @ w[N, K]^T, reading whichever layout of w streams faster here (see above)."""
-    if not torch.compiler.is_compiling() and gemm_layout.kmajor_faster(x2.shape[0], w.shape[1], w.shape[0], w.dtype):
+    """x2 [M, K] @ w[N, K]^T, reading w the way gemm_layout found fastest here: K-major copy, as stored, or
+    as stored through oneDNN."""
+    if torch.compiler.is_compiling():
+        return F.linear(x2, w)
+    way = gemm_layout.layout(x2.shape[0], w.shape[1], w.shape[0], w.dtype)
+    if way == "kmajor":
         wt = _kmajor(w)
         if wt is not None:
             return torch.mm(x2, wt)
+    elif way == "onednn" and not (w.requires_grad and torch.is_grad_enabled()) and w.is_contiguous():
+        return gemm_layout.onednn_linear(x2.contiguous(), w)
     return F.linear(x2, w)
 
 
