@@ -108,7 +108,8 @@ def test_the_choice_follows_the_rates(monkeypatch):
     monkeypatch.setattr(gemm_layout, "measure", lambda m, k, n, dtype: rates[f"{m}x{k}x{n}:float32"])
     f32 = torch.float32
     assert gemm_layout.layout(8, 1024, 512, f32) == "onednn"
-    assert gemm_layout.layout(8, 1024, 512, f32, dense=False) == "nk" and not gemm_layout.kmajor_faster(8, 1024, 512, f32)
+    assert gemm_layout.layout(8, 1024, 512, f32, dense=False) == "nk"
+    assert not gemm_layout.kmajor_faster(8, 1024, 512, f32)
     assert gemm_layout.layout(1, 1024, 512, f32) == "kmajor" and gemm_layout.kmajor_faster(1, 1024, 512, f32)
     assert gemm_layout.layout(2, 1024, 512, f32) == "nk"
 

@@ -152,11 +152,12 @@ def _fp8_linear(x, w: Fp8Weight):
 
 # Where a GEMM reads a weight K-major ([K, N] contiguous, MKL's no-transpose layout) rather than as torch's [N, K]:
 # prefill-sized GEMMs (M > 16) always (1.5-3x faster, docs/performance.md); decode-sized ones (M <= 16) where
-# gemm_layout measured it faster on this machine for that shape and row count (it depends on the CPU: see
-# there; dense weights may also go through oneDNN as stored). The first GEMM that wants the K-major copy makes it, kept while the weight lives and rebuilt if it is
-# modified in place: RAM for the copies, capped at _LAYOUT_BUDGET bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it
-# GEMMs use [N, K]).
-_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views]); see _gate_up
+# gemm_layout measured it faster on this machine for that shape and row count (it depends on the CPU: see there;
+# dense weights may also go through oneDNN as stored). The first GEMM that wants the K-major copy makes it, kept
+# while the weight lives and rebuilt if it is modified in place: RAM for the copies, capped at _LAYOUT_BUDGET
+# bytes (DEEPPORT_CPU_LAYOUT_BYTES; beyond it GEMMs use [N, K]).
+_LAYOUT: dict = {}  # id(w) -> (weakref to w, w's version, K-major copy[, its per-expert views]);
+#                     ("gate_up", id(w1)) -> (weakref to w1, versions, [w1 ; w3] K-major copy, views, weakref to w3)
 _LAYOUT_BUDGET = int(os.environ.get("DEEPPORT_CPU_LAYOUT_BYTES", 2 << 30))
 _layout_bytes = [0]
 
@@ -195,19 +196,19 @@ def _drop(key) -> None:
         _layout_bytes[0] -= hit[2].numel() * hit[2].element_size()
 
 
-def _mm(x2, w):
-    """x2 [M, K] @ w[N, K]^T, reading w the way gemm_layout found fastest here: K-major copy, as stored, or
-    as stored through oneDNN."""
+def _gemm(x, w):
+    """x [..., K] @ w[N, K]^T, reading w the way gemm_layout found fastest here for this row count and shape: as
+    stored (F.linear), from its K-major copy, or as stored through oneDNN."""
     if torch.compiler.is_compiling():
-        return F.linear(x2, w)
-    way = gemm_layout.layout(x2.shape[0], w.shape[1], w.shape[0], w.dtype)
+        return F.linear(x, w)
+    way = gemm_layout.layout(x.numel() // x.shape[-1], w.shape[1], w.shape[0], w.dtype)
     if way == "kmajor":
         wt = _kmajor(w)
         if wt is not None:
-            return torch.mm(x2, wt)
+            return torch.mm(x, wt) if x.dim() == 2 else torch.matmul(x, wt)
     elif way == "onednn" and not (w.requires_grad and torch.is_grad_enabled()) and w.is_contiguous():
-        return gemm_layout.onednn_linear(x2.contiguous(), w)
-    return F.linear(x2, w)
+        return gemm_layout.onednn_linear(x.contiguous(), w)
+    return F.linear(x, w)
 
 
 def linear(x, w):
@@ -215,9 +216,7 @@ def linear(x, w):
         return _fp8_linear(x, w)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
-    if x.dim() == 2:
-        return _mm(x, w)
-    return _mm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    return _gemm(x, w)
 
 
 def _bottom_right_mask(s, t, device):
@@ -462,7 +461,7 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
 def _moe_views(w1, w3, w2, rows: int):
     """(gate_up, w1, w3, w2) per-expert views for GEMMs of `rows` rows: where gemm_layout measured K-major faster
     for w1's shape, gate_up holds views of one K-major copy of [w1 ; w3] ([D, 2I] an expert: gate and up in one
-    GEMM, one stream from memory; decode steps 5-8% faster than two GEMVs, docs/performance.md) and w1, w3 are
+    GEMM, one stream from memory; decode steps up to 8% faster than two GEMVs, docs/performance.md) and w1, w3 are
     None; else gate_up is None and w1, w3 are transposed views of the weights as stored. w2: [K, N] views in its
     own measured layout."""
     v13 = None
