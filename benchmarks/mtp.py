@@ -8,7 +8,7 @@ import json
 import statistics
 
 import deepport
-from deepport.bench import bench_generate
+from deepport.bench import bench_interleaved
 
 PROMPTS = [
     "import os\nimport sys\n\n\ndef main():\n",
@@ -29,8 +29,8 @@ def main():
     m = deepport.load(a.model, backend=a.backend, dtype=a.dtype)
     rows = []
     for p in PROMPTS:
-        plain = bench_generate(m, [p], a.max_new_tokens, a.repeats, mtp=False)
-        mtp = bench_generate(m, [p], a.max_new_tokens, a.repeats, mtp=True)
+        runs = bench_interleaved(m, [p], a.max_new_tokens, a.repeats)  # plain and MTP runs alternate
+        plain, mtp = runs[False], runs[True]
         rows.append({"prompt": p, "plain_tok_s": plain["decode_tokens_per_s"], "mtp_tok_s": mtp["decode_tokens_per_s"],
                      "acceptance_rate": mtp["acceptance_rate"], "tokens_per_forward": mtp["tokens_per_forward"],
                      "speedup": mtp["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})

@@ -7,13 +7,19 @@ import sys
 from deepport import json_out
 
 
-def bench_generate(model, prompts, max_new_tokens: int, repeats: int, mtp: bool) -> dict:
-    """Median decode/prefill tokens/s over `repeats` runs (after one warm-up); MTP adds acceptance stats."""
-    model.generate_batch(prompts, max_new_tokens=min(4, max_new_tokens), mtp=mtp)  # warm-up (compiles kernels)
-    runs = [model.generate_batch(prompts, max_new_tokens=max_new_tokens, mtp=mtp)[0].stats for _ in range(repeats)]
-    out = {k: statistics.median(r[k] for r in runs) for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-    if mtp:
-        out.update({k: statistics.median(r[k] for r in runs) for k in ("acceptance_rate", "tokens_per_forward")})
+def bench_interleaved(model, prompts, max_new_tokens: int, repeats: int, modes=(False, True)) -> dict:
+    """Per mode (False: plain decoding, True: MTP), the medians of `repeats` runs after one warm-up each, the
+    modes' runs alternating (plain, MTP, plain, ...) so that a machine's drift lands on both alike."""
+    for mtp in modes:
+        model.generate_batch(prompts, max_new_tokens=min(4, max_new_tokens), mtp=mtp)  # warm-up (compiles kernels)
+    runs = {mtp: [] for mtp in modes}
+    for _ in range(repeats):
+        for mtp in modes:
+            runs[mtp].append(model.generate_batch(prompts, max_new_tokens=max_new_tokens, mtp=mtp)[0].stats)
+    out = {}
+    for mtp, rs in runs.items():
+        keys = ("decode_tokens_per_s", "prefill_tokens_per_s") + (("acceptance_rate", "tokens_per_forward") if mtp else ())
+        out[mtp] = {k: statistics.median(r[k] for r in rs) for k in keys}
     return out
 
 
@@ -61,9 +67,11 @@ def cmd_bench(a) -> int:
     rows = " (distinct rows)" if a.distinct_rows and a.batch > 1 else ""
     print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}{rows}, {a.max_new_tokens} new tokens",
           file=sys.stderr)
-    report["plain"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=False)
-    if a.mtp and m.args.n_mtp_layers:
-        report["mtp"] = bench_generate(m, prompts, a.max_new_tokens, a.repeats, mtp=True)
+    modes = (False, True) if a.mtp and m.args.n_mtp_layers else (False,)
+    runs = bench_interleaved(m, prompts, a.max_new_tokens, a.repeats, modes)  # plain and MTP runs alternate
+    report["plain"] = runs[False]
+    if True in runs:
+        report["mtp"] = runs[True]
         report["mtp_speedup"] = report["mtp"]["decode_tokens_per_s"] / max(report["plain"]["decode_tokens_per_s"], 1e-9)
     json_out.emit_json(report, a.json)
     p = report["plain"]

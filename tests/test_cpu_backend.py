@@ -318,3 +318,28 @@ def test_kmajor_copies_are_freed_with_the_model():
     del m
     gc.collect()
     assert cpu._layout_bytes[0] == before
+
+
+def test_bench_alternates_plain_and_mtp_runs():
+    """`bench --mtp` alternates plain and MTP runs (after a warm-up of each), so a machine's drift lands on both."""
+    from types import SimpleNamespace
+
+    from deepport.bench import bench_interleaved
+
+    calls = []
+
+    class Fake:
+        def generate_batch(self, prompts, max_new_tokens, mtp):
+            calls.append((mtp, max_new_tokens))
+            stats = {"decode_tokens_per_s": 3.0 if mtp else 2.0, "prefill_tokens_per_s": 1.0,
+                     "acceptance_rate": 0.9, "tokens_per_forward": 1.9}
+            return [SimpleNamespace(stats=stats)]
+
+    out = bench_interleaved(Fake(), [[1, 2]], 8, 3)
+    assert calls == [(False, 4), (True, 4)] + [(False, 8), (True, 8)] * 3
+    assert out[False] == {"decode_tokens_per_s": 2.0, "prefill_tokens_per_s": 1.0}
+    assert out[True]["acceptance_rate"] == 0.9 and out[True]["decode_tokens_per_s"] == 3.0
+    r = run_cli("bench", "--mtp", "--repeats", "1", "--max-new-tokens", "6", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["mtp_speedup"] > 0 and rep["mtp"]["tokens_per_forward"] >= 1.0
