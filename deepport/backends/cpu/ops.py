@@ -508,7 +508,8 @@ def _expert_views(w, kmajor: bool):
 
 
 def _transposed_views(w):
-    return tuple(v.t() for v in _unbound(w))
+    # a weight that needs grad gets views of itself (made per call, see _derived), so gradients reach it
+    return tuple(v.t() for v in (w.unbind(0) if w.requires_grad else _unbound(w)))
 
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
