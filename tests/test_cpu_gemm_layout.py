@@ -2,6 +2,8 @@
 layouts give cpu_ref's results on every GEMM path, the choice is measured once and kept in the cache file,
 and a bad setting or cache file is handled."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ from deepport.backends.cpu import gemm_layout
 from deepport.backends.cpu import ops as cpu
 from deepport.backends.cpu_ref import ops as ref
 from deepport.core.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cpu_backend import _experts  # noqa: E402  (x, topk weights, ids, w1, w2, w3 on a seeded generator)
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +53,8 @@ def test_moe_experts_match_cpu_ref_in_every_layout(monkeypatch, layout, m):
     """m = 1, 2: the per-token loop; 8, 24: sorted groups with 1..n rows an expert (several row buckets). onednn
     is for dense weights: the experts read [N, K] then."""
     monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", layout)
-    g = torch.Generator().manual_seed(7 + m)
-    e, i, d, k = 16, 48, 80, 4
-    x = torch.randn(m, d, generator=g)
-    w1, w3 = (torch.randn(e, i, d, generator=g) * 0.1 for _ in range(2))
-    w2 = torch.randn(e, d, i, generator=g) * 0.1
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    x, wts, ids, w1, w2, w3 = _experts(torch.Generator().manual_seed(7 + m), m, i=48, d=80)
     ids[0, 0] = -1  # an expert on another rank contributes nothing
-    wts = torch.rand(m, k, generator=g)
     want = ref.moe_experts(x.double(), wts, ids, w1.double(), w2.double(), w3.double())
     torch.testing.assert_close(cpu.moe_experts(x, wts, ids, w1, w2, w3).double(), want, rtol=1e-5, atol=1e-5)
 
@@ -157,13 +156,7 @@ def test_the_fused_gate_up_copy_follows_in_place_updates_of_either_weight(monkey
 
     gc.collect()
     monkeypatch.setenv("DEEPPORT_CPU_GEMM_LAYOUT", "kmajor")
-    g = torch.Generator().manual_seed(40 + m)
-    e, i, d, k = 8, 32, 48, 2
-    x = torch.randn(m, d, generator=g)
-    w1, w3 = (torch.randn(e, i, d, generator=g) * 0.1 for _ in range(2))
-    w2 = torch.randn(e, d, i, generator=g) * 0.1
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
-    wts = torch.rand(m, k, generator=g)
+    x, wts, ids, w1, w2, w3 = _experts(torch.Generator().manual_seed(40 + m), m, e=8, i=32, d=48, k=2)
     before = cpu._layout_bytes[0]
     for change in (None, lambda: w3.mul_(-1.5), lambda: w1[ids[0, 0]].add_(0.25)):
         if change:
