@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    code = _run(argv)
+    parallel = sys.modules.get("deepport.core.distributed")  # loaded only by runs that may have joined a group
+    return parallel.exit_after_group(code) if parallel is not None else code
+
+
+def _run(argv) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:

@@ -78,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(distributed.exit_after_group(main()))  # as the CLI does: no interpreter teardown after a group

@@ -427,3 +427,26 @@ def test_shutdown_says_when_a_peer_never_arrives_and_still_leaves(tmp_path):
     assert procs[0].returncode == 0, err[-2000:]
     assert "left" in out
     assert "deepport: rank 0: not every rank reached the end within 2 s" in err
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from deepport.core import distributed
+assert distributed.exit_after_group(4) == 4  # no group left yet: a plain return
+dist.init_process_group("gloo")
+distributed.shutdown()
+atexit.register(lambda: print(" and the teardown ran"))  # skipped: the process ends before teardown
+print("printed before the exit", end="")  # unflushed: exit_after_group flushes it
+sys.exit(distributed.exit_after_group(7))
+"""
+
+
+def test_a_rank_that_left_its_group_exits_with_its_code_and_its_output():
+    """After leaving a gloo group the process ends at once (no interpreter teardown, where gloo's threads could
+    abort a finished rank) with the code it was given and its printed output intact."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "1",
+           "RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 7, p.stderr[-2000:]
+    assert p.stdout == "printed before the exit"
