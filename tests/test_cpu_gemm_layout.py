@@ -11,7 +11,7 @@ import torch
 from deepport.backends.cpu import gemm_layout
 from deepport.backends.cpu import ops as cpu
 from deepport.backends.cpu_ref import ops as ref
-from deepport.core.errors import ConfigError
+from deepport.core.errors import ConfigError, ContractError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cpu_backend import _experts  # noqa: E402  (x, topk weights, ids, w1, w2, w3 on a seeded generator)
@@ -188,3 +188,24 @@ def test_bf16_measures_all_three_ways(monkeypatch):
     monkeypatch.setattr(gemm_layout, "_STREAM_BYTES", 4 << 20)
     rates = gemm_layout.measure(2, 1024, 512, torch.bfloat16)
     assert set(rates) == ({"nk", "kmajor", "onednn"} if torch.backends.mkldnn.is_available() else {"nk", "kmajor"})
+
+
+def test_a_cache_that_cannot_be_written_is_said_once(monkeypatch, capsys):
+    from deepport.core import output_dir
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(output_dir, "write_text", refuse)
+    monkeypatch.setattr(gemm_layout, "_save_failed", [False])
+    monkeypatch.setattr(gemm_layout, "measure", lambda *a: {"nk": 1.0, "kmajor": 2.0})
+    assert gemm_layout.layout(1, 2048, 1024, torch.float32) == "kmajor"  # the run goes on with what it measured
+    assert gemm_layout.layout(2, 2048, 1024, torch.float32) == "kmajor"
+    err = capsys.readouterr().err
+    assert err.count("could not keep the measured GEMM layouts") == 1 and "read-only file system" in err
+
+
+def test_expert_weights_in_another_dtype_than_x_are_refused():
+    x, wts, ids, w1, w2, w3 = _experts(torch.Generator().manual_seed(5), 2, e=4, i=16, d=32, k=2)
+    with pytest.raises(ContractError, match="expert weights are torch.bfloat16.*x is torch.float32.*once at load"):
+        cpu.moe_experts(x, wts, ids, w1.bfloat16(), w2.bfloat16(), w3.bfloat16())

@@ -18,7 +18,6 @@ embedded model's: K-major, which is as fast or a few percent faster there, and w
 """
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ _rates: dict[str, dict[str, float]] = {}  # "<rows bucket>x<K>x<N>:<dtype>" -> l
 _memo: dict[tuple, str] = {}  # (m, k, n, dtype, dense) -> the layout: one dict lookup per GEMM on the hot path
 _loaded = [False]
 _announced = [False]
+_save_failed = [False]
 
 
 def bucket(m: int) -> int:
@@ -111,24 +111,28 @@ def _load() -> None:
 
 
 def _save() -> None:
-    """Merge this process's rates into the cache file (atomic replace; a failure costs only re-measuring)."""
+    """Merge this process's rates into the cache file, under a lock (ranks and concurrent runs share it), written
+    atomically. A failure costs only measuring again in the next process, and is said once."""
+    from deepport.core import output_dir
+
     path = cache_path()
     try:
-        try:
-            data = json.loads(path.read_text())
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        mine = data.get(machine())
-        mine = {k: v for k, v in mine.items() if _valid(v)} if isinstance(mine, dict) else {}
-        mine.update(_rates)
-        data[machine()] = mine
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        with output_dir.file_lock(path.with_name(path.name + ".lock")):
+            try:
+                data = json.loads(path.read_text())
+                data = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                data = {}
+            mine = data.get(machine())
+            mine = {k: v for k, v in mine.items() if _valid(v)} if isinstance(mine, dict) else {}
+            mine.update(_rates)
+            data[machine()] = mine
+            output_dir.write_text(path, json.dumps(data, indent=1, sort_keys=True))
+    except OSError as e:
+        if not _save_failed[0]:
+            _save_failed[0] = True
+            print(f"deepport: could not keep the measured GEMM layouts in {path} ({e}); the next run measures "
+                  f"them again (set DEEPPORT_CACHE to a writable directory)", file=sys.stderr, flush=True)
 
 
 def onednn_linear(x, w):

@@ -435,8 +435,6 @@ def _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3):
                 y.index_add_(0, tok[sl], o.float().mul_(ws[sl]))
                 start += cnt
         return y
-    if w1.dtype != xs.dtype:  # the contract says x.dtype; never on the hot path (weights load in the compute dtype)
-        w1, w2, w3 = (w.to(xs.dtype) for w in (w1, w2, w3))
     i_ = w1.shape[1]
     views = {}  # rows bucket -> the per-expert views in the layouts measured for it (see _moe_views)
     out = torch.empty(xs.shape[0], d, dtype=xs.dtype, device=x.device)
@@ -514,6 +512,10 @@ def _transposed_views(w):
 
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
+    if not isinstance(w1, Fp8Weight) and not (w1.dtype == w2.dtype == w3.dtype == x.dtype):
+        raise ContractError(f"moe_experts: expert weights are {w1.dtype}/{w2.dtype}/{w3.dtype} but x is {x.dtype}; "
+                            f"the contract takes them in x.dtype (or as Fp8Weight): convert them once at load, "
+                            f"not per call")
     m, pairs = x.shape[0], topk_ids.numel()
     if m <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight) and not torch.compiler.is_compiling():
         y = _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
