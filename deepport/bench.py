@@ -33,7 +33,11 @@ def cmd_bench(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback)
+    # with --compare, --compile/--graphs put the compiled (captured) step against transformers; without it they
+    # compare deepport's eager and compiled steps (below), which loads the compiled model itself
+    fast = bool(a.compare) and (a.compile or a.graphs)
+    m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback,
+                      compile=fast and a.compile, graphs=fast and a.graphs)
     from deepport.bench_compare import batch_rows
 
     prompts = batch_rows(m.encode(a.prompt), a.batch, a.distinct_rows)
@@ -49,6 +53,7 @@ def cmd_bench(a) -> int:
         import torch
 
         report["threads"] = torch.get_num_threads()
+        report["deepport_step"] = m.step.describe() if m.step is not None else "eager"
         report["compare"] = bench_compare.compare(m, a.prompt, a.batch, a.max_new_tokens, a.repeats, a.distinct_rows)
         json_out.emit_json(report, a.json)
         bench_compare.print_comparison(report)
@@ -104,7 +109,8 @@ def register(sub) -> None:
     p.add_argument("--compare", choices=("transformers",), default=None,
                    help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")
     p.add_argument("--compile", action="store_true",
-                   help="decode tok/s eager vs the torch.compile'd step (tokens compared), host-overhead shares")
+                   help="decode tok/s eager vs the torch.compile'd step (tokens compared), host-overhead shares; "
+                        "with --compare: the compiled step against transformers")
     p.add_argument("--graphs", action="store_true", help="also the step captured as CUDA/HIP graphs (cuda/rocm)")
     p.add_argument("--threads", type=cli_checks.positive_int, default=None, help="torch threads for the run (default: torch's)")
     p.set_defaults(fn=cmd_bench)

@@ -135,7 +135,8 @@ def print_comparison(report: dict) -> None:
     c = report["compare"]
     d, t = c["deepport"], c["transformers"]
     print(f"{'':<14} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    print(f"{'deepport':<14} {d['prefill_tokens_per_s']:>14.1f} {d['decode_tokens_per_s']:>13.1f}")
+    print(f"{'deepport':<14} {d['prefill_tokens_per_s']:>14.1f} {d['decode_tokens_per_s']:>13.1f}"
+          + (f"  ({report['deepport_step']})" if report.get("deepport_step", "eager") != "eager" else ""))
     print(f"{'transformers':<14} {t['prefill_tokens_per_s']:>14.1f} {t['decode_tokens_per_s']:>13.1f}")
     print(f"{'ratio':<14} {c['prefill_ratio']:>13.2f}x {c['decode_ratio']:>12.2f}x")
     w = c["weight_streaming"]

@@ -241,6 +241,18 @@ def test_bench_compare_transformers_runs_and_agrees():
     assert c["distinct_rows"] is True and c["greedy_tokens_equal"] is True  # every row, against transformers'
 
 
+@pytest.mark.slow
+def test_bench_compare_transformers_with_the_compiled_step():
+    """--compare with --compile: the compiled step (not eager) runs against transformers, and says so."""
+    r = run_cli("bench", "--compare", "transformers", "--compile", "--threads", "1", "--max-new-tokens", "4",
+                "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["deepport_step"].startswith("compiled (torch.compile"), report["deepport_step"]
+    assert report["compare"]["greedy_tokens_equal"] is True
+    assert "step_compare" not in report  # not the eager-vs-compiled report
+
+
 def test_bench_rows_identical_by_default_or_rotated():
     from deepport import bench_compare
 
