@@ -104,7 +104,11 @@ class Model:
 
             if not self.args.n_mtp_layers:
                 raise DeepportError(f"{self.path} has no MTP module (num_nextn_predict_layers=0); drop --mtp")
-            gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos, step=self.step)
+            try:
+                gen = generate_mtp(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos, step=self.step)
+            except finite.NonFiniteLogits as e:  # rerun it eager (same seed) with every op checked: name the culprit
+                raise finite.rerun_checked(self.transformer.ops, lambda: generate_mtp(
+                    self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos), e) from None
         else:
             try:
                 gen = _generate(self.transformer, ids, max_new_tokens, temperature, top_p, seed, eos, step=self.step)

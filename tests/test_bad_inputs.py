@@ -490,11 +490,13 @@ NAN_OP = '''
 '''
 
 
+@pytest.mark.parametrize("mtp", [False, True])
 @pytest.mark.parametrize("check_finite", ["0", "1"])
-def test_nan_from_an_op_names_the_op(check_finite, site, capsys, monkeypatch):
+def test_nan_from_an_op_names_the_op(check_finite, mtp, site, capsys, monkeypatch):
     _plugin(site, "dp13-nan", "dp13_nan", NAN_OP)
     monkeypatch.setenv("DEEPPORT_CHECK_FINITE", check_finite)
-    rc, err = main(["generate", "--backend", "nanchip", "--dtype", "fp32", "--max-new-tokens", "3"], capsys)
+    rc, err = main(["generate", "--backend", "nanchip", "--dtype", "fp32", "--max-new-tokens", "3"]
+                   + (["--mtp"] if mtp else []), capsys)
     assert_one_line(rc, err, "op 'silu_mul' of backend 'nanchip'")
     assert "produced" in err and "non-finite" in err and "deepport conformance --backend nanchip --ops silu_mul" in err
     if check_finite == "0":

@@ -122,6 +122,24 @@ def test_moe_paths_match_cpu_ref_fp32(path, m):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_tokens_sharing_experts_run_each_shared_expert_once(dtype, monkeypatch):
+    """MTP verification's two tokens: an expert both chose runs once as a 2-row GEMM (3 GEMMs fewer), and every
+    token still gets its own weighted sum, with an unused slot skipped."""
+    g = torch.Generator().manual_seed(41)
+    x, w, _, w1, w2, w3 = _experts(g, 2, dtype=dtype)
+    ids = torch.tensor([[3, 5, 7, 1], [5, 2, 3, -1]])  # 3 and 5 shared, in different slots
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(cpu.torch, "mm", lambda a, b, **kw: calls.append(a.shape[0]) or mm(a, b, **kw))
+    got = cpu._experts_per_token(x, w, ids, w1, w2, w3)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    per_expert = len(calls) // 5  # 5 distinct experts: 3, 5, 7, 1, 2
+    assert len(calls) == 5 * per_expert and calls.count(2) == 2 * per_expert, calls
+
+
 @pytest.mark.parametrize("e,groups,topk_groups,k", [(16, 4, 2, 4), (64, 8, 4, 6), (256, 8, 4, 8), (8, 1, 1, 2)])
 def test_one_token_host_routing_picks_what_cpu_ref_picks(e, groups, topk_groups, k):
     """Batch-1 decode and MTP verification route on the host (Python sort of E floats): same ids and weights

@@ -1,8 +1,8 @@
 """Finite checks on the numbers a run produces: logits in the decode loop, and (on demand) every bound op.
 
 A non-finite logit stops generation with an error naming the first op that produced non-finite values:
-the failing step is replayed with every op of the table checked (`checked`). DEEPPORT_CHECK_FINITE=1
-checks every op from the start (`wrap`), which also covers paths a replay does not (MTP drafting).
+the failing step is replayed with every op of the table checked (`checked`); an MTP run is rerun whole, eager.
+DEEPPORT_CHECK_FINITE=1 checks every op from the start (`wrap`).
 """
 from __future__ import annotations
 
@@ -125,15 +125,26 @@ def locate(model, prompts: list[list[int]], err: NonFiniteLogits, block_size: in
     that produced NaN/inf (or says that the replay did not reproduce the failure)."""
     device = model.embed.weight.device
     b = len(prompts)
+
+    def replay():
+        cache = model.new_cache(b, max(len(p) for p in prompts) + len(err.fed) + 1, block_size)
+        last = [model.logits(model(torch.tensor([p], device=device), cache, rows=[r])[:, -1])
+                for r, p in enumerate(prompts)]
+        check_logits(torch.cat(last))
+        for step, tokens in enumerate(err.fed):
+            h = model(tokens.view(b, 1).to(device), cache)
+            check_logits(model.logits(h[:, -1]), step + 1)
+
+    return rerun_checked(model.ops, replay, err)
+
+
+def rerun_checked(table, run, err: NonFiniteLogits) -> NonFiniteError:
+    """run() (the failing work again, from its start: same seed, same steps) with every op of `table` checked:
+    the error to raise instead of err, naming the first op that produced NaN/inf when one did. MTP decoding is
+    located this way (its drafts are not in err.fed), by a whole eager rerun."""
     try:
-        with checked(model.ops):
-            cache = model.new_cache(b, max(len(p) for p in prompts) + len(err.fed) + 1, block_size)
-            last = [model.logits(model(torch.tensor([p], device=device), cache, rows=[r])[:, -1])
-                    for r, p in enumerate(prompts)]
-            check_logits(torch.cat(last))
-            for step, tokens in enumerate(err.fed):
-                h = model(tokens.view(b, 1).to(device), cache)
-                check_logits(model.logits(h[:, -1]), step + 1)
+        with checked(table):
+            run()
     except NonFiniteOp as e:
         return NonFiniteOp(f"{err}: {e}")
     except NonFiniteLogits:

@@ -117,20 +117,21 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
             inp = torch.tensor([[last[r], draft[r]] for r in active], device=device)
             h = model(inp, cache, rows=active)  # [A, 2, D]
             logits = model.logits(h)  # [A, 2, V]
-        finite.check_logits(logits, forwards)  # the sampling path below bypasses the sampler's own check
         forwards += 1
         drafted += len(active)
-        if temperature <= 0:
-            first = sampler(logits[:, 0]).tolist()
+        if temperature <= 0:  # both positions in one sampler call: one finite check, one argmax, one read-back
+            pairs = sampler(logits.flatten(0, 1)).view(-1, 2).tolist()
+            first, second = [p[0] for p in pairs], [p[1] for p in pairs]
             ok = [first[i] == draft[r] for i, r in enumerate(active)]
         else:
+            finite.check_logits(logits, forwards - 1)  # the acceptance test below bypasses the sampler's check
             first, ok = [], []
             for i, r in enumerate(active):
                 p = probs(logits[i, 0], temperature, top_p).cpu()
                 tok, good = speculative_accept(p, q[r], draft[r], sampler.generator)
                 first.append(tok)
                 ok.append(good)
-        second = sampler(logits[:, 1]).tolist()
+            second = sampler(logits[:, 1]).tolist()
         groups = {True: [], False: []}
         for i, r in enumerate(active):
             groups[ok[i]].append(i)

@@ -372,23 +372,38 @@ def _swiglu(gate, up):
 
 def _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3):
     """A few tokens (decode, MTP verification): per token y = sum_j w_j * w2[e_j](silu(w1[e_j] x) * w3[e_j] x),
-    one expert at a time, fp32 accumulation; ids and weights read on the host (free on a CPU)."""
-    v13, v1, v3, v2 = _moe_views(w1, w3, w2, 1)
+    one expert at a time, fp32 accumulation in each token's top-k order; ids and weights read on the host (free
+    on a CPU). An expert that both of two tokens chose runs once, as a 2-row GEMM (consecutive tokens of MTP's
+    verification share 1.5 of their 4 experts on average on the embedded model: fewer calls, one read)."""
+    ids_rows, wts_rows = topk_ids.tolist(), topk_weights.tolist()
     i_ = w1.shape[1]
+
+    def ffn(xe, views, e):
+        v13, v1, v3, v2 = views
+        if v13 is not None:
+            gu = torch.mm(xe, v13[e])
+            h = _swiglu(gu[:, :i_], gu[:, i_:])
+        else:
+            h = _swiglu(torch.mm(xe, v1[e]), torch.mm(xe, v3[e]))
+        o = torch.mm(h, v2[e])
+        return o if o.dtype == F32 else o.float()
+
+    both = {}  # expert -> its [2, D] output, for experts both tokens chose
+    if len(ids_rows) == 2:
+        views2 = None
+        for e in ids_rows[0]:
+            if e >= 0 and e in ids_rows[1]:
+                views2 = views2 or _moe_views(w1, w3, w2, 2)
+                both[e] = ffn(x, views2, e)
+    views = _moe_views(w1, w3, w2, 1)
     rows = []
-    for i, (ids, wts) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
+    for i, (ids, wts) in enumerate(zip(ids_rows, wts_rows)):
         xi = x if x.shape[0] == 1 else x[i:i + 1]
         y = None
         for e, wt in zip(ids, wts):
             if e < 0:
                 continue
-            if v13 is not None:
-                gu = torch.mm(xi, v13[e])
-                h = _swiglu(gu[:, :i_], gu[:, i_:])
-            else:
-                h = _swiglu(torch.mm(xi, v1[e]), torch.mm(xi, v3[e]))
-            o = torch.mm(h, v2[e])
-            o = o if o.dtype == F32 else o.float()
+            o = both[e][i:i + 1] if e in both else ffn(xi, views, e)
             y = o.mul_(wt) if y is None else y.add_(o, alpha=wt)
         rows.append(y if y is not None else torch.zeros(xi.shape, dtype=F32, device=x.device))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
