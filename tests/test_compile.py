@@ -234,6 +234,25 @@ def test_a_step_compiled_after_a_fresh_prefill_is_traced_once(capsys):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_mtp_drafting_through_the_step_keeps_the_eager_tokens(temperature):
+    """With a DecodeStep, MTP drafting runs step.draft over every row at S=2 (accepted rows keep both positions,
+    rejected rows the first, finished rows none): the same tokens as the eager loop, greedy and sampled, for one
+    row and a ragged batch whose drafts are partly rejected."""
+    m = deepport.load(None, backend="cpu", dtype="fp32")
+    t = m.transformer
+    step = DecodeStep(t)  # eager step: the same bookkeeping as a compiled one, without compile time
+    calls = []
+    draft = step.draft
+    step.draft = lambda h, ids, cache: calls.append(tuple(ids.shape)) or draft(h, ids, cache)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        want = generate_mtp(t, prompts, 10, temperature, seed=3, eos_id=None)
+        got = generate_mtp(t, prompts, 10, temperature, seed=3, eos_id=None, step=step)
+        assert got.tokens == want.tokens and got.stats["accepted"] == want.stats["accepted"]
+        assert want.stats["accepted"] < want.stats["drafted"] or len(prompts) == 1  # rejections were exercised
+    assert set(calls) == {(1, 2), (3, 2)}  # every row, S=2 (the step pads them to the bucket)
+
+
 def test_inductor_wrapper_checks_are_off_unless_asked_for(monkeypatch, ref32):
     """Inductor's per-call size/stride/alignment checks cost 10% of a compiled CPU step: off for Inductor (the
     compiled-equals-eager token tests below stand in for them), back with DEEPPORT_COMPILE_ASSERTS=1, never
@@ -292,7 +311,7 @@ def test_traced_cpu_compiled_tokens_equal_eager():
         for mtp in (False, True):
             want = _tokens(m, None, prompts, mtp)
             assert _tokens(m, m.step, prompts, mtp) == want, (len(prompts), mtp)
-    assert m.step.report == []
+    assert m.step.report == [] and set(m.step._compiled) == {"decode", "mtp"}  # MTP drafts compiled too
     torch._dynamo.reset()
 
 

@@ -367,6 +367,19 @@ class Transformer(nn.Module):
             cache.advance(ctx.rows, s)
         return m.norm(u, residual)[0]
 
+    def mtp_decode_step(self, hidden, next_ids, cache: PagedLatentCache, depth: int = 0):
+        """MTP drafting over *every* row of an MTP cache (S positions each): (MTP hidden [B, S, D], fp32 logits
+        [B, S, V]). Static shapes and no host sync, as decode_step: what a compiled MTP run traces (core/step.py).
+        The caller reserves room first and advances (then rolls back what it does not keep) after."""
+        m = self.mtp[depth]
+        s = next_ids.shape[1]
+        e = self.embed_tokens(next_ids)
+        u = m.eh_proj(torch.cat((m.enorm(e), m.hnorm(hidden)), dim=-1))
+        ctx = self.cache_context(cache, cache.seq_lens, cache.block_table, s)
+        u, residual = m.block(u, None, ctx)
+        u = m.norm(u, residual)[0]
+        return u, self.logits(u)
+
     def new_cache(self, batch: int, max_tokens: int, block_size: int = 16, mtp: bool = False) -> PagedLatentCache:
         """A paged latent cache for the main layers (or, with mtp=True, for the MTP modules)."""
         n = self.args.n_mtp_layers if mtp else self.args.n_layers

@@ -55,6 +55,32 @@ class _Drafter:
         return torch.multinomial(q, 1, generator=s.generator).view(-1).tolist(), list(q)
 
 
+def _draft_every_row(model, step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q):
+    """MTP drafting through step.draft: every row of the MTP cache runs 2 positions (the verification's hidden
+    states with the tokens after them). A row whose draft was accepted keeps both and drafts from the second;
+    a rejected row keeps the first (its second input is a filler the causal mask hides from the first) and
+    drafts from it; a finished row keeps neither."""
+    device = h_every.device
+    rows = range(len(done))
+    where = {r: i for i, r in enumerate(active)}
+    ids = [[first[where[r]], second[where[r]] if ok[where[r]] else first[where[r]]] if r in where else [0, 0]
+           for r in rows]
+    every = list(rows)
+    mtp_cache.reserve(every, 2)
+    _, logits = step.draft(h_every, torch.tensor(ids, device=device), mtp_cache)
+    mtp_cache.advance(every, 2)
+    for r in rows:
+        keep = (2 if ok[where[r]] else 1) if r in where else 0
+        if keep < 2:
+            mtp_cache.truncate(r, mtp_cache.lens[r] - 2 + keep)
+    for good in (True, False):  # accepted rows first, as the eager loop draws them (same sampled tokens)
+        group = [r for r in active if ok[where[r]] == good]
+        if group:
+            d, qq = drafter(logits[torch.tensor(group, device=device), 1 if good else 0])  # [G, V]
+            for j, r in enumerate(group):
+                draft[r], q[r] = d[j], qq[j]
+
+
 @torch.inference_mode()
 def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, eos_id: int | None = None, block_size: int = 16, step=None) -> Generation:
@@ -68,7 +94,8 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
     b = len(prompts)
     room = max(len(p) for p in prompts) + max_new_tokens + 3
     cache = step.cache(b, room, block_size) if step is not None else model.new_cache(b, room, block_size)
-    mtp_cache = model.new_cache(b, room, block_size, mtp=True)
+    mtp_cache = step.cache(b, room, block_size, mtp=True) if step is not None else model.new_cache(b, room, block_size,
+                                                                                                    mtp=True)
     sampler = Sampler(model.ops, temperature, top_p, seed)
     drafter = _Drafter(sampler)
     out = [[] for _ in range(b)]
@@ -106,13 +133,13 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
         if step is not None:
             every = list(range(b))
             cache.reserve(every, 2)
-            h, logits = step(torch.tensor([[last[r], draft[r]] for r in every], device=device), cache)
+            h_every, logits = step(torch.tensor([[last[r], draft[r]] for r in every], device=device), cache)
             cache.advance(every, 2)
             for r in every:
                 if done[r]:
                     cache.truncate(r, cache.lens[r] - 2)
             pick = torch.tensor(active, device=device)
-            h, logits = h[pick], logits[pick]  # [A, 2, D], [A, 2, V]
+            h, logits = h_every[pick], logits[pick]  # [A, 2, D], [A, 2, V]
         else:
             inp = torch.tensor([[last[r], draft[r]] for r in active], device=device)
             h = model(inp, cache, rows=active)  # [A, 2, D]
@@ -143,6 +170,9 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
             else:
                 cache.truncate(r, cache.lens[r] - 1)  # drop the rejected draft's slot
                 last[r] = first[i]
+        if step is not None:  # the draft step over every row, S=2 (static shapes), then roll back what is not kept
+            _draft_every_row(model, step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q)
+            continue
         for good, idx in groups.items():
             if not idx:
                 continue

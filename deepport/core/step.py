@@ -15,7 +15,8 @@ cache's `seq_lens` and `block_table`, preallocated tensors the generation loop u
 - graphs=True (cuda/rocm): one CUDA graph (a HIP graph on ROCm) per (bucket, S, cache), captured on first
   use and replayed after; when capture fails the step runs without graphs and says why, once.
 
-Prefill stays eager. The MTP verification forward (S=2) is the same step with S=2.
+Prefill stays eager. The MTP verification forward (S=2) is the same step with S=2; MTP drafting has its own
+step (`draft`, Transformer.mtp_decode_step: S=2 for every row, compiled like the main step, never captured).
 """
 from __future__ import annotations
 
@@ -60,8 +61,7 @@ class DecodeStep:
         self.max_bucket, self.compile_backend = max_bucket, compile_backend  # e.g. "aot_eager" in quick tests
         self.report: list[str] = []  # what happened: graph breaks, capture failures (also printed once each)
         self.compile_s = 0.0  # seconds spent in first calls of new shapes (tracing and code generation)
-        self._fn = model.decode_step
-        self._compiled = None
+        self._compiled = {}  # "decode" / "mtp" -> the torch.compile'd function
         self._caches: dict[tuple, PagedLatentCache] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._no_graphs = False
@@ -113,34 +113,59 @@ class DecodeStep:
             return None
         return {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
-    def _first_compile(self, input_ids, cache):
+    def _fns(self):
+        return {"decode": self.model.decode_step, "mtp": self.model.mtp_decode_step}
+
+    def _first_compile(self, kind, *args):
         """Compile on the first call (fullgraph; on a break: one line per break, then compiled with them)."""
         import torch._dynamo
 
         cfg = torch._dynamo.config  # one graph per (bucket, S, cache): more than torch's default of 8
         cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
         self.model.prepare_decode()  # else the first graph derives the absorbed weights and a second is traced
+        fn = self._fns()[kind]
         if self.fullgraph:
-            fn = torch.compile(self.model.decode_step, fullgraph=True, dynamic=False, backend=self.compile_backend,
-                               options=self._inductor_options())
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend,
+                                     options=self._inductor_options())
             try:
-                out = fn(input_ids, cache)  # traces and generates code now: a break surfaces here
-                self._compiled = fn
+                out = compiled(*args)  # traces and generates code now: a break surfaces here
+                self._compiled[kind] = compiled
                 return out
             except torch._dynamo.exc.Unsupported:
                 pass  # reported below, then compiled with the breaks
-        for line in graph_breaks(self.model.decode_step, input_ids, cache) or ["graph break (reason not reported)"]:
+        for line in graph_breaks(fn, *args) or ["graph break (reason not reported)"]:
             self._warn(line)
-        self._compiled = torch.compile(self.model.decode_step, dynamic=False, backend=self.compile_backend,
-                                       options=self._inductor_options())
-        return self._compiled(input_ids, cache)
+        self._compiled[kind] = torch.compile(fn, dynamic=False, backend=self.compile_backend,
+                                             options=self._inductor_options())
+        return self._compiled[kind](*args)
 
-    def _eager_or_compiled(self, input_ids, cache):
+    def _eager_or_compiled(self, input_ids, cache, kind="decode", hidden=None):
+        args = (input_ids, cache) if kind == "decode" else (hidden, input_ids, cache)
         if not self.compile:
-            return self.model.decode_step(input_ids, cache)
-        if self._compiled is None:
-            return self._first_compile(input_ids, cache)
-        return self._compiled(input_ids, cache)
+            return self._fns()[kind](*args)
+        if kind not in self._compiled:
+            return self._first_compile(kind, *args)
+        return self._compiled[kind](*args)
+
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: PagedLatentCache):
+        """MTP drafting (Transformer.mtp_decode_step) for every row of an MTP cache made by cache(..., mtp=True):
+        (MTP hidden [B, S, D], fp32 logits [B, S, V]); hidden [B, S, D] comes from this step's verification.
+        Compiled with compile=True (one graph per (bucket, S, cache)); never graph-captured (it is a single layer)."""
+        next_ids = self.pad(next_ids, cache)
+        if hidden.shape[0] != cache.batch:
+            raise DeepportError(f"draft: hidden has {hidden.shape[0]} rows, the MTP cache {cache.batch}")
+        shape_key = ("mtp", tuple(next_ids.shape), id(cache))
+        t0 = time.perf_counter() if shape_key not in self._seen else None
+        if t0 is not None and self.compile:
+            b, s = next_ids.shape
+            print(f"deepport: compiling the MTP draft step for {b} row(s) x {s} token(s) (first use of this shape)",
+                  file=sys.stderr)
+        try:
+            return self._eager_or_compiled(next_ids, cache, "mtp", hidden)
+        finally:
+            if t0 is not None:
+                self._seen.add(shape_key)
+                self.compile_s += time.perf_counter() - t0
 
     def _capture(self, key, input_ids, cache):
         """Warm up on a side stream, then capture one replayable graph of the step for these buffers."""
