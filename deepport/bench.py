@@ -33,9 +33,10 @@ def cmd_bench(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    # with --compare, --compile/--graphs put the compiled (captured) step against transformers; without it they
-    # compare deepport's eager and compiled steps (below), which loads the compiled model itself
-    fast = bool(a.compare) and (a.compile or a.graphs)
+    # with --compare (--mtp), --compile/--graphs put the compiled (captured) step against transformers (plain
+    # decoding of the same step); alone they compare deepport's eager and compiled steps (below), which loads
+    # the compiled model itself
+    fast = bool(a.compare or a.mtp) and (a.compile or a.graphs)
     m = deepport.load(a.model, backend=a.backend, dtype=a.dtype, fallback=a.fallback,
                       compile=fast and a.compile, graphs=fast and a.graphs)
     from deepport.bench_compare import batch_rows
@@ -58,7 +59,7 @@ def cmd_bench(a) -> int:
         json_out.emit_json(report, a.json)
         bench_compare.print_comparison(report)
         return 0
-    if a.compile or a.graphs:  # eager vs compiled (vs graphs), host-overhead share: deepport/bench_step.py
+    if (a.compile or a.graphs) and not a.mtp:  # eager vs compiled (vs graphs), host-overhead share: deepport/bench_step.py
         from deepport import bench_step
 
         def load(compile, graphs):
@@ -70,8 +71,9 @@ def cmd_bench(a) -> int:
         bench_step.print_report(report)
         return 0
     rows = " (distinct rows)" if a.distinct_rows and a.batch > 1 else ""
-    print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}{rows}, {a.max_new_tokens} new tokens",
-          file=sys.stderr)
+    report["deepport_step"] = m.step.describe() if m.step is not None else "eager"
+    print(f"# bench: backend {m.backend}, dtype {m.dtype}, batch {a.batch}{rows}, {a.max_new_tokens} new tokens, "
+          f"decode steps {report['deepport_step']}", file=sys.stderr)
     modes = (False, True) if a.mtp and m.args.n_mtp_layers else (False,)
     runs = bench_interleaved(m, prompts, a.max_new_tokens, a.repeats, modes)  # plain and MTP runs alternate
     report["plain"] = runs[False]
@@ -104,7 +106,8 @@ def register(sub) -> None:
                         "the same prompt, which decodes identically and touches one token's experts")
     p.add_argument("--max-new-tokens", type=cli_checks.positive_int, default=64, help="tokens generated per sequence")
     p.add_argument("--repeats", type=cli_checks.positive_int, default=3, help="timed runs (the median is reported)")
-    p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding")
+    p.add_argument("--mtp", action="store_true", help="also measure MTP speculative decoding (with --compile: both "
+                                                        "plain and MTP decoding through the compiled steps)")
     json_out.add_json_argument(p)
     p.add_argument("--compare", choices=("transformers",), default=None,
                    help="also run transformers' DeepseekV3ForCausalLM (eager) on the same weights and print ratios")

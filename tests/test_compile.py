@@ -253,6 +253,32 @@ def test_mtp_drafting_through_the_step_keeps_the_eager_tokens(temperature):
     assert set(calls) == {(1, 2), (3, 2)}  # every row, S=2 (the step pads them to the bucket)
 
 
+def test_warm_steps_check_only_the_guards_that_tell_graphs_apart(monkeypatch, ref32):
+    """A (shape, cache) that ran compiled before runs under skip_guard_eval_unsafe (+5% on the embedded model's
+    compiled step); when Dynamo needs a new graph after all (here: after torch._dynamo.reset()), it refuses
+    before running anything and the step compiles normally instead of failing."""
+    graphs, stances = [], []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_stance(*a, **k))
+    step = DecodeStep(ref32.transformer, compile=True, compile_backend=count)
+    monkeypatch.setattr(step, "_fns", lambda: {"decode": lambda ids, cache: ids * 2 + 1})
+    ids = torch.arange(6).view(2, 3)
+    torch._dynamo.reset()
+    assert torch.equal(step._eager_or_compiled(ids, None), ids * 2 + 1) and len(graphs) == 1
+    assert torch.equal(step._eager_or_compiled(ids, None, warm=True), ids * 2 + 1) and len(graphs) == 1
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    torch._dynamo.reset()
+    assert torch.equal(step._eager_or_compiled(ids, None, warm=True), ids * 2 + 1) and len(graphs) == 2
+    monkeypatch.setenv("DEEPPORT_COMPILE_GUARDS", "1")
+    assert torch.equal(step._eager_or_compiled(ids, None, warm=True), ids * 2 + 1) and len(stances) == 2
+    torch._dynamo.reset()
+
+
 def test_inductor_wrapper_checks_are_off_unless_asked_for(monkeypatch, ref32):
     """Inductor's per-call size/stride/alignment checks cost 10% of a compiled CPU step: off for Inductor (the
     compiled-equals-eager token tests below stand in for them), back with DEEPPORT_COMPILE_ASSERTS=1, never

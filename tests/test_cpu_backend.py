@@ -269,6 +269,10 @@ def test_bench_compare_transformers_with_the_compiled_step():
     assert report["deepport_step"].startswith("compiled (torch.compile"), report["deepport_step"]
     assert report["compare"]["greedy_tokens_equal"] is True
     assert "step_compare" not in report  # not the eager-vs-compiled report
+    r = run_cli("bench", "--compile", "--mtp", "--threads", "1", "--max-new-tokens", "4", "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # plain and MTP decoding, both through the compiled steps
+    assert report["deepport_step"].startswith("compiled (torch.compile") and report["mtp"]["acceptance_rate"] > 0
 
 
 def test_bench_rows_identical_by_default_or_rotated():
