@@ -64,7 +64,11 @@ class PagedLatentCache:
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         """Store kv [b, s, C] and pe [b, s, R] at the given slots [b, s]."""
         flat = slots.flatten()
-        kv_pool, pe_pool = self._flat[layer]
+        if torch.compiler.is_compiling():  # views made in the graph: inputs that alias a mutated input cost a
+            kv_pool = self.kv[layer].view(-1, self.kv[layer].shape[-1])  # "synthetic base" rebuilt every call
+            pe_pool = self.pe[layer].view(-1, self.pe[layer].shape[-1])
+        else:
+            kv_pool, pe_pool = self._flat[layer]
         kv, pe = kv.reshape(-1, kv.shape[-1]), pe.reshape(-1, pe.shape[-1])
         kv_pool.index_copy_(0, flat, kv if kv.dtype == kv_pool.dtype else kv.to(kv_pool.dtype))  # whole rows
         pe_pool.index_copy_(0, flat, pe if pe.dtype == pe_pool.dtype else pe.to(pe_pool.dtype))

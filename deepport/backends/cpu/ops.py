@@ -37,7 +37,8 @@ def rms_norm(x, weight, eps, residual=None):
         raise ContractError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if x.dtype == F32:
         r = x if residual is None else x + residual
-        y = _rms_by_layer_norm(r, weight, eps)
+        y = _rms_by_layer_norm(r, weight, eps) if not torch.compiler.is_compiling() else \
+            F.rms_norm(r, (d,), weight if weight.dtype == F32 else weight.float(), eps)  # Inductor fuses it whole
         return y if residual is None else (y, r)
     r = x if residual is None else (x.float() + residual.float()).to(x.dtype)  # r rounded once, after the fp32 add
     y = F.rms_norm(r.float(), (d,), weight.float(), eps).to(x.dtype)
