@@ -60,6 +60,17 @@ def check_finite() -> bool:
     return os.environ.get("DEEPPORT_CHECK_FINITE", "0") not in ("0", "", "false", "no")
 
 
+def compile_asserts() -> bool:
+    """DEEPPORT_COMPILE_ASSERTS=1: Inductor's per-call size/stride/alignment checks stay on in compiled steps."""
+    return os.environ.get("DEEPPORT_COMPILE_ASSERTS", "0") not in ("0", "", "false", "no")
+
+
+def compile_guards() -> bool:
+    """DEEPPORT_COMPILE_GUARDS=1: a compiled step evaluates every Dynamo guard on every call (default: only the
+    guards that tell its graphs apart, once a shape has run)."""
+    return os.environ.get("DEEPPORT_COMPILE_GUARDS", "0") not in ("0", "", "false", "no")
+
+
 def probe_timeout_s() -> float:
     """DEEPPORT_PROBE_TIMEOUT: seconds a backend's probe may take before it counts as unavailable (default 10)."""
     raw = os.environ.get("DEEPPORT_PROBE_TIMEOUT") or "10"

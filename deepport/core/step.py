@@ -20,12 +20,12 @@ step (`draft`, Transformer.mtp_decode_step: S=2 for every row, compiled like the
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
 
+from deepport.core import settings
 from deepport.core.cache import PagedLatentCache
 from deepport.core.errors import DeepportError
 
@@ -109,7 +109,7 @@ class DecodeStep:
         (154 Python checks in the embedded model's batch-1 step; without them the compiled step ran 5% faster on
         the development CPU). They guard against Inductor's own layout bugs; the compiled-equals-eager token tests
         stand in for them here, and DEEPPORT_COMPILE_ASSERTS=1 turns them back on for debugging."""
-        if self.compile_backend != "inductor" or os.environ.get("DEEPPORT_COMPILE_ASSERTS") == "1":
+        if self.compile_backend != "inductor" or settings.compile_asserts():
             return None
         return {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
@@ -148,7 +148,7 @@ class DecodeStep:
             return self._fns()[kind](*args)
         if kind not in self._compiled:
             return self._first_compile(kind, *args)
-        if warm and os.environ.get("DEEPPORT_COMPILE_GUARDS") != "1":
+        if warm and not settings.compile_guards():
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return self._compiled[kind](*args)
