@@ -331,6 +331,29 @@ def _route_on_host(biased, n_groups, topk_groups, topk):
     return torch.tensor(out, dtype=torch.long, device=biased.device)
 
 
+def _ranks(v):
+    """rank[..., i] = how many entries of v's last dim come before v[..., i] (larger, or equal at a lower index):
+    pairwise comparisons that Inductor fuses into one reduction (torch.topk is a fallback call it cannot fuse)."""
+    n = v.shape[-1]
+    idx = torch.arange(n, device=v.device)
+    a, b = v.unsqueeze(-1), v.unsqueeze(-2)  # [.., i, 1], [.., 1, j]
+    before = (b > a) | ((b == a) & (idx.view(1, n) < idx.view(n, 1)))  # j before i
+    return before.sum(-1)
+
+
+def _route_by_ranks(biased, n_groups, topk_groups, topk):
+    """The expert ids [M, k] the torch path picks (largest first, ties to the lower index), from ranks."""
+    m, e = biased.shape
+    if n_groups > 1:
+        grouped = biased.view(m, n_groups, -1)
+        top2 = min(2, grouped.shape[-1])
+        group_scores = grouped.masked_fill(_ranks(grouped) >= top2, 0.0).sum(-1)  # top-2 sum per group
+        drop = _ranks(group_scores) >= topk_groups
+        biased = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(m, e)
+    pick = _ranks(biased).unsqueeze(-1) == torch.arange(topk, device=biased.device)  # [M, E, k]: rank r at e
+    return (pick * torch.arange(e, device=biased.device).view(1, e, 1)).sum(1)
+
+
 def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_topk_prob=True):
     m, e = x.shape[0], weight.shape[0]
     preconditions.moe_gate(e, n_groups, topk_groups, topk)
@@ -341,13 +364,16 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
         ids = _route_on_host(biased, n_groups, topk_groups, topk)
         w = scores.gather(1, ids)
         return (w * (route_scale / w.sum(-1, keepdim=True)) if norm_topk_prob else w * route_scale), ids
-    if n_groups > 1:
-        grouped = biased.view(m, n_groups, -1)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # top-2 sum per group
-        keep = group_scores.topk(topk_groups, dim=-1).indices
-        drop = torch.ones(m, n_groups, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-        biased = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(m, e)
-    ids = biased.topk(topk, dim=-1).indices
+    if torch.compiler.is_compiling():  # fused comparisons instead of 3 topk fallbacks a layer (see _ranks)
+        ids = _route_by_ranks(biased, n_groups, topk_groups, topk)
+    else:
+        if n_groups > 1:
+            grouped = biased.view(m, n_groups, -1)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # top-2 sum per group
+            keep = group_scores.topk(topk_groups, dim=-1).indices
+            drop = torch.ones(m, n_groups, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+            biased = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(m, e)
+        ids = biased.topk(topk, dim=-1).indices
     w = scores.gather(1, ids)
     return (w * (route_scale / w.sum(-1, keepdim=True)) if norm_topk_prob else w * route_scale), ids
 
