@@ -55,7 +55,7 @@ class _Drafter:
         return torch.multinomial(q, 1, generator=s.generator).view(-1).tolist(), list(q)
 
 
-def _draft_every_row(model, step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q):
+def _draft_every_row(step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q):
     """MTP drafting through step.draft: every row of the MTP cache runs 2 positions (the verification's hidden
     states with the tokens after them). A row whose draft was accepted keeps both and drafts from the second;
     a rejected row keeps the first (its second input is a filler the causal mask hides from the first) and
@@ -171,7 +171,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
                 cache.truncate(r, cache.lens[r] - 1)  # drop the rejected draft's slot
                 last[r] = first[i]
         if step is not None:  # the draft step over every row, S=2 (static shapes), then roll back what is not kept
-            _draft_every_row(model, step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q)
+            _draft_every_row(step, mtp_cache, h_every, active, ok, first, second, done, drafter, draft, q)
             continue
         for good, idx in groups.items():
             if not idx:
