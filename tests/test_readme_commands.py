@@ -66,6 +66,13 @@ PLANS = {
     "deepport bench --compile": Plan("8 new tokens, 1 repeat: it compiles and profiles each variant (~80 s)",
                                      extra=("--max-new-tokens", "8", "--repeats", "1"), slow=True),
     "deepport bench --compile --graphs": Plan(skip="CUDA/HIP graphs need a GPU"),
+    "deepport bench --compare transformers": Plan("6 new tokens, 1 repeat: transformers runs beside it (~20 s)",
+                                                  extra=("--max-new-tokens", "6", "--repeats", "1"), slow=True),
+    "deepport bench --compare transformers --compile": Plan(
+        "4 new tokens, 1 repeat: it compiles the step, then runs transformers beside it",
+        extra=("--max-new-tokens", "4", "--repeats", "1"), slow=True),
+    "deepport bench --mtp --compile": Plan("4 new tokens, 1 repeat: it compiles the verification and draft steps",
+                                           extra=("--max-new-tokens", "4", "--repeats", "1"), slow=True),
     "deepport export-onnx --output tiny.onnx": Plan(expect=("tiny.onnx",)),
     "deepport export-onnx --output tiny.onnx --decode": Plan(expect=("tiny.onnx",)),
     "deepport export-onnx --output tiny.onnx --dtype fp8": Plan(expect=("tiny.onnx",)),
