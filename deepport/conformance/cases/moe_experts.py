@@ -40,10 +40,12 @@ def cases(tier):
             out.append(case("moe_experts", v, dtype, tier, _build(m, d, inter, e, k, dtype == "fp8"),
                             reduction=d + inter, note=note, reference="native"))
     # fp32 inputs (a backend serving an FP8 checkpoint in fp32, e.g. cpu's default): a backend may take other
-    # paths for them; one token, two (MTP verification), and a group per expert
+    # paths for them; one token, two (MTP verification: top-8 of 16 experts, so the two tokens share experts, which
+    # cpu runs once as 2-row GEMMs), and a group per expert
     fp32in = {"quick": [("decode_1", 1, 256, 128, 8, 3), ("verify_2", 2, 256, 128, 8, 3),
                         ("prefill", 24, 256, 128, 8, 3)],
-              "full": [("v3_subset_decode_1", 1, 7168, 2048, 16, 8), ("v3_subset", 16, 7168, 2048, 16, 8)]}[tier]
+              "full": [("v3_subset_decode_1", 1, 7168, 2048, 16, 8), ("v3_subset_verify_2", 2, 7168, 2048, 16, 8),
+                       ("v3_subset", 16, 7168, 2048, 16, 8)]}[tier]
     for v, m, d, inter, e, k in fp32in:
         out.append(case("moe_experts", f"{v}_fp32in", "bf16", tier,
                         _build(m, d, inter, e, k, False, dtype=torch.float32), reduction=d + inter,
