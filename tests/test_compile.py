@@ -273,7 +273,7 @@ def test_warm_steps_check_only_the_guards_that_tell_graphs_apart(monkeypatch, re
     real_stance = torch.compiler.set_stance
     monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_stance(*a, **k))
     step = DecodeStep(ref32.transformer, compile=True, compile_backend=count)
-    monkeypatch.setattr(step, "_fns", lambda: {"decode": lambda ids, cache: ids * 2 + 1})
+    monkeypatch.setattr(step, "_fns", {"decode": lambda ids, cache: ids * 2 + 1})
     ids = torch.arange(6).view(2, 3)
     torch._dynamo.reset()
     assert torch.equal(step._eager_or_compiled(ids, None), ids * 2 + 1) and len(graphs) == 1

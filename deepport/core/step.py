@@ -61,6 +61,7 @@ class DecodeStep:
         self.max_bucket, self.compile_backend = max_bucket, compile_backend  # e.g. "aot_eager" in quick tests
         self.report: list[str] = []  # what happened: graph breaks, capture failures (also printed once each)
         self.compile_s = 0.0  # seconds spent in first calls of new shapes (tracing and code generation)
+        self._fns = {"decode": model.decode_step, "mtp": model.mtp_decode_step}  # what each kind of step runs
         self._compiled = {}  # "decode" / "mtp" -> the torch.compile'd function
         self._caches: dict[tuple, PagedLatentCache] = {}
         self._graphs: dict[tuple, tuple] = {}
@@ -113,9 +114,6 @@ class DecodeStep:
             return None
         return {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
-    def _fns(self):
-        return {"decode": self.model.decode_step, "mtp": self.model.mtp_decode_step}
-
     def _first_compile(self, kind, *args):
         """Compile on the first call (fullgraph; on a break: one line per break, then compiled with them)."""
         import torch._dynamo
@@ -123,7 +121,7 @@ class DecodeStep:
         cfg = torch._dynamo.config  # one graph per (bucket, S, cache): more than torch's default of 8
         cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
         self.model.prepare_decode()  # else the first graph derives the absorbed weights and a second is traced
-        fn = self._fns()[kind]
+        fn = self._fns[kind]
         if self.fullgraph:
             compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend,
                                      options=self._inductor_options())
@@ -145,7 +143,7 @@ class DecodeStep:
         model's compiled step: +5% tok/s). DEEPPORT_COMPILE_GUARDS=1 keeps every guard."""
         args = (input_ids, cache) if kind == "decode" else (hidden, input_ids, cache)
         if not self.compile:
-            return self._fns()[kind](*args)
+            return self._fns[kind](*args)
         if kind not in self._compiled:
             return self._first_compile(kind, *args)
         if warm and not settings.compile_guards():
