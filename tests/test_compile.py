@@ -241,6 +241,27 @@ def test_a_step_compiled_after_a_fresh_prefill_is_traced_once(capsys):
     torch._dynamo.reset()
 
 
+def test_a_step_that_cannot_be_traced_runs_eager_and_says_where(monkeypatch, capsys):
+    """A traced op that reads a data-dependent length (.tolist() of a bincount, as cpu's eager grouped MoE does)
+    is no graph break Dynamo can split at: it raised out of generate (`bench --compile --batch 32` crashed
+    before cpu's MoE became an opaque op past 64 pairs). The step says where and runs that kind eager."""
+    from deepport.backends.cpu import ops as cpu
+
+    m = deepport.load(None, backend="cpu", dtype="fp32")
+    monkeypatch.setattr(cpu, "_experts_pairs", cpu._experts_grouped)  # the traced path now reads counts
+    monkeypatch.setattr(cpu, "_traced_strategy", lambda *a: "pairs")
+    torch._dynamo.reset()
+    step = DecodeStep(m.transformer, compile=True, compile_backend="eager")
+    want = _tokens(m, None, PROMPTS, mtp=False, n=4)
+    assert _tokens(m, step, PROMPTS, mtp=False, n=4) == want
+    err = capsys.readouterr().err
+    assert "could not compile the decode step (GuardOnDataDependentSymNode" in err and "_experts_grouped" in err
+    assert step._eager == {"decode"} and "could not compile, eager: decode" in step.describe()
+    assert _tokens(m, step, PROMPTS, mtp=False, n=4) == want  # later calls run eager, no new attempt
+    assert capsys.readouterr().err.count("could not compile") == 0
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_mtp_drafting_through_the_step_keeps_the_eager_tokens(temperature):
     """With a DecodeStep, MTP drafting runs step.draft over every row at S=2 (accepted rows keep both positions,

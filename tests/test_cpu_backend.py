@@ -122,6 +122,68 @@ def test_moe_paths_match_cpu_ref_fp32(path, m):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_traced_moe_picks_pairs_for_few_or_small_experts_and_the_host_op_otherwise():
+    """Measured (docs/performance.md): gathered pairs under Inductor win on the embedded model's experts at batch
+    8 and on v3-200m's at batch 1; the opaque host op wins on v3-200m's at batch 8 (122 vs 91 tok/s) and is the
+    only graph-break-free choice past _PAIR_MAX pairs."""
+    def ids(m, k=4):
+        return torch.zeros(m, k, dtype=torch.long)
+
+    small = torch.empty(16, 128, 256)  # the embedded model's expert [I, D]: 384 KB an expert
+    large = torch.empty(16, 512, 1024)  # v3-200m's: 6 MB an expert
+    assert cpu._traced_strategy(torch.empty(8, 256), ids(8), small, small.transpose(1, 2), small) == "pairs"
+    assert cpu._traced_strategy(torch.empty(1, 1024), ids(1), large, large.transpose(1, 2), large) == "pairs"
+    assert cpu._traced_strategy(torch.empty(2, 1024), ids(2), large, large.transpose(1, 2), large) == "pairs"
+    assert cpu._traced_strategy(torch.empty(8, 1024), ids(8), large, large.transpose(1, 2), large) == "host"
+    assert cpu._traced_strategy(torch.empty(32, 256), ids(32), small, small.transpose(1, 2), small) == "host"
+    w = small.requires_grad_()  # the host op has no autograd formula: training traces the pairs
+    assert cpu._traced_strategy(torch.empty(32, 256), ids(32), w, w.transpose(1, 2), w) == "pairs"
+
+
+@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float32), (24, torch.float32),
+                                     (24, torch.bfloat16)])
+def test_moe_host_op_traces_as_one_node_and_matches_cpu_ref(m, dtype, monkeypatch):
+    """Under torch.compile with the host strategy, moe_experts is one deepport_cpu::moe_experts_host node (no
+    graph break: its host reads happen inside the op) and gives the eager strategies' values."""
+    monkeypatch.setattr(cpu, "_traced_strategy", lambda *a: "host")
+    g = torch.Generator().manual_seed(40 + m)
+    x, w, ids, w1, w2, w3 = _experts(g, m, dtype=dtype)
+    ids[0, 1] = -1
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        got = torch.compile(cpu.moe_experts, backend=keep, fullgraph=True)(x, w, ids, w1, w2, w3)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("deepport_cpu.moe_experts_host") == 1 and not any("bincount" in t for t in targets)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.library.opcheck(torch.ops.deepport_cpu.moe_experts_host, (x, w, ids, w1, w2, w3))
+    torch._dynamo.reset()
+
+
+def test_compiled_cpu_step_past_the_pair_limit_has_no_graph_break():
+    """Batch 32 (128 (token, expert) pairs): the traced step is one graph; `bench --compile --batch 32` crashed
+    before (the grouped path's .tolist() of a bincount, traced)."""
+    from deepport.core.step import graph_breaks
+
+    m = deepport.load(None, backend="cpu", dtype="fp32")
+    t = m.transformer
+    g = torch.Generator().manual_seed(5)
+    cache = t.new_cache(32, 64)
+    with torch.inference_mode():
+        t(torch.randint(0, t.args.vocab_size, (32, 6), generator=g), cache)
+        cache.reserve(list(range(32)), 1)
+        assert graph_breaks(t.decode_step, torch.randint(0, t.args.vocab_size, (32, 1), generator=g), cache) == []
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("e,groups,topk_groups,k", [(16, 4, 2, 4), (64, 8, 4, 6), (256, 8, 4, 8), (8, 1, 1, 2)])
 def test_traced_routing_by_ranks_picks_what_cpu_ref_picks(e, groups, topk_groups, k):
     """Traced, moe_gate ranks scores by pairwise comparisons (fused by Inductor) instead of 3 topk fallback calls

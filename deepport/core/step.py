@@ -30,6 +30,14 @@ from deepport.core.cache import PagedLatentCache
 from deepport.core.errors import DeepportError
 
 
+def _untraceable() -> type:
+    """The error that means torch.compile cannot trace a step at all (not a break it can split the graph at): a
+    guard on a value only known at run time, such as the length of .tolist() of a bincount."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return GuardOnDataDependentSymNode
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -63,6 +71,7 @@ class DecodeStep:
         self.compile_s = 0.0  # seconds spent in first calls of new shapes (tracing and code generation)
         self._fns = {"decode": model.decode_step, "mtp": model.mtp_decode_step}  # what each kind of step runs
         self._compiled = {}  # "decode" / "mtp" -> the torch.compile'd function
+        self._eager = set()  # kinds that could not be compiled at all: they run eager (reported once)
         self._caches: dict[tuple, PagedLatentCache] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._no_graphs = False
@@ -122,20 +131,30 @@ class DecodeStep:
         cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
         self.model.prepare_decode()  # else the first graph derives the absorbed weights and a second is traced
         fn = self._fns[kind]
-        if self.fullgraph:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend,
-                                     options=self._inductor_options())
-            try:
-                out = compiled(*args)  # traces and generates code now: a break surfaces here
-                self._compiled[kind] = compiled
-                return out
-            except torch._dynamo.exc.Unsupported:
-                pass  # reported below, then compiled with the breaks
-        for line in graph_breaks(fn, *args) or ["graph break (reason not reported)"]:
-            self._warn(line)
-        self._compiled[kind] = torch.compile(fn, dynamic=False, backend=self.compile_backend,
-                                             options=self._inductor_options())
-        return self._compiled[kind](*args)
+        try:
+            if self.fullgraph:
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend,
+                                         options=self._inductor_options())
+                try:
+                    out = compiled(*args)  # traces and generates code now: a break surfaces here
+                    self._compiled[kind] = compiled
+                    return out
+                except torch._dynamo.exc.Unsupported:
+                    pass  # reported below, then compiled with the breaks
+            for line in graph_breaks(fn, *args) or ["graph break (reason not reported)"]:
+                self._warn(line)
+            self._compiled[kind] = torch.compile(fn, dynamic=False, backend=self.compile_backend,
+                                                 options=self._inductor_options())
+            return self._compiled[kind](*args)
+        except _untraceable() as e:  # e.g. a shape read from tensor values (.tolist() of a bincount) in traced code
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            where = next((ln for ln in lines if ln.startswith("Caused by:")), lines[0] if lines else "")[:240]
+            self._warn(f"could not compile the {kind} step ({type(e).__name__}: {where}); this step runs eager. "
+                       f"Fix: keep data-dependent shapes out of traced op code (docs/compile.md, 'what traced "
+                       f"port code should avoid'), or wrap that code in a torch.library custom op")
+            self._compiled[kind] = fn
+            self._eager.add(kind)
+            return fn(*args)
 
     def _eager_or_compiled(self, input_ids, cache, kind="decode", hidden=None, warm=False):
         """warm: this (shape, cache) ran compiled before, so a graph for it exists: Dynamo checks only the guards
@@ -230,6 +249,8 @@ class DecodeStep:
         ops = "custom ops" if self.model.ops.custom_ops else "ops traced"
         how = ("compiled (torch.compile" + (", fullgraph" if self.fullgraph else "") + f", {ops})" if self.compile
                else "eager")
+        if self._eager:
+            how += f"; could not compile, eager: {', '.join(sorted(self._eager))}"
         if self.graphs:
             how += ", device graphs" + (" (capture failed: without)" if self._no_graphs else "")
         return how

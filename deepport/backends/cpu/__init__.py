@@ -35,7 +35,7 @@ def _sources() -> dict:
             "mla_prefill": "torch scaled_dot_product_attention",
             "mla_decode": "torch batched gather + bmm over the paged latent cache",
             "moe_gate": "torch (up to 2 tokens: routing sorted on the host)",
-            "moe_experts": "torch: per-token expert loop (M <= 2) / gathered pairs (compiling) / sorted groups",
+            "moe_experts": "torch: per-token expert loop (M <= 2) / sorted groups; compiling: gathered pairs or those two as one opaque op",
             "silu_mul": "torch", "sample": "torch", "all_reduce": "torch.distributed (gloo)",
             "all_to_all": "torch.distributed (gloo)"}
 

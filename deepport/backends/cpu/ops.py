@@ -3,9 +3,9 @@
 Few torch calls per op (a 12M-parameter model's decode is bound by the number of calls, a 671B's by weight
 streaming): SDPA for prefill, one batched gather + two bmm for paged decode (no per-sequence loop, no host
 synchronisation), RMSNorm through the fused layer_norm kernel, routing and the expert loop on the host for
-one or two tokens, sorted groups on K-major copies for more, gathered (token, expert) pairs under
-torch.compile. Math in fp32 as the contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU
-has native bf16). Each choice is measured in docs/performance.md.
+one or two tokens, sorted groups on K-major copies for more; under torch.compile gathered (token, expert)
+pairs, or the eager strategies as one opaque op where experts are large and repeat. Math in fp32 as the
+contracts say; bf16 values are upcast (torch's bf16 GEMM where the CPU has native bf16). Each choice is measured in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -385,8 +385,11 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
 #     host values on a CPU, so reading them costs no sync; MTP 1.06x with 2 against 1.01x with 1 and 1.04x with 4);
 #   more tokens: sorted by expert, one GEMM per touched expert on K-major copies of the expert weights (each
 #     expert read once; 2.5x faster in a batch-8 step than all experts in three dense GEMMs, which was tried);
-#   while torch.compile traces: gathered per-pair weights up to _PAIR_MAX pairs (sync-free; the gather copies).
+#   while torch.compile traces: gathered per-pair weights (sync-free; Inductor fuses the gather), except
+#   past _PAIR_MAX pairs, or once experts repeat and one expert's weights reach _HOST_EXPERT_BYTES: the eager
+#     strategies as one opaque custom op (deepport_cpu::moe_experts_host), see _traced_strategy.
 _PAIR_MAX = 64
+_HOST_EXPERT_BYTES = 1 << 20
 _PER_TOKEN_MAX = 2  # M <= this: the per-token expert loop (batch-1 decode, MTP verification: measured, see docs)
 
 
@@ -552,17 +555,53 @@ def _transposed_views(w):
     return tuple(v.t() for v in (w.unbind(0) if w.requires_grad else _unbound(w)))
 
 
+def _experts_on_host(x, topk_weights, topk_ids, w1, w2, w3):
+    """The eager strategies (reading ids and counts on the host), fp32 [M, D]."""
+    if x.shape[0] <= _PER_TOKEN_MAX:
+        return _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
+    return _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
+
+
+@torch.library.custom_op("deepport_cpu::moe_experts_host", mutates_args=())
+def _moe_experts_host(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
+                      w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    y = _experts_on_host(x, topk_weights, topk_ids, w1, w2, w3)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+@_moe_experts_host.register_fake
+def _(x, topk_weights, topk_ids, w1, w2, w3):
+    return torch.empty_like(x)
+
+
+def _traced_strategy(x, topk_ids, w1, w2, w3) -> str:
+    """Under torch.compile: "pairs" (traced gathered pairs, fused by Inductor) or "host" (the eager strategies as
+    one opaque op that reads the ids on the host: no graph break, each expert read once). Pairs win while the
+    weights they gather twice are few or small (embedded model, batch 8: 5.3 vs 7.9 ms a step; v3-200m batch 1:
+    46 vs 44 tok/s); the host op wins once experts repeat and are large (v3-200m batch 8: 122 vs 91 tok/s) and
+    past _PAIR_MAX pairs. Tensors that need grad stay traced (the host op has no autograd formula)."""
+    if x.requires_grad or w1.requires_grad or w2.requires_grad or w3.requires_grad:
+        return "pairs"
+    pairs, experts = topk_ids.numel(), w1.shape[0]
+    expert_bytes = 3 * w1.shape[1] * w1.shape[2] * w1.element_size()  # w1, w3 [I, D] and w2 [D, I] an expert
+    if pairs > _PAIR_MAX or (pairs > experts and expert_bytes >= _HOST_EXPERT_BYTES):
+        return "host"
+    return "pairs"
+
+
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
     preconditions.moe_experts(x, topk_weights, topk_ids, w1, w2, w3)
     if not isinstance(w1, Fp8Weight) and not (w1.dtype == w2.dtype == w3.dtype == x.dtype):
         raise ContractError(f"moe_experts: expert weights are {w1.dtype}/{w2.dtype}/{w3.dtype} but x is {x.dtype}; "
                             f"the contract takes them in x.dtype (or as Fp8Weight): convert them once at load, "
                             f"not per call")
-    m, pairs = x.shape[0], topk_ids.numel()
-    if m <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight) and not torch.compiler.is_compiling():
-        y = _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
-    elif pairs <= _PAIR_MAX and torch.compiler.is_compiling() and not isinstance(w1, Fp8Weight):
+    m = x.shape[0]
+    if torch.compiler.is_compiling() and not isinstance(w1, Fp8Weight):
+        if _traced_strategy(x, topk_ids, w1, w2, w3) == "host":
+            return torch.ops.deepport_cpu.moe_experts_host(x, topk_weights, topk_ids, w1, w2, w3)
         y = _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3)
+    elif m <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight):
+        y = _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
     else:
         y = _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
     return y.to(x.dtype)
