@@ -319,7 +319,28 @@ def test_inductor_wrapper_checks_are_off_unless_asked_for(monkeypatch, ref32):
     assert all(hasattr(inductor_config, k) for k in opts)  # names Inductor knows
     assert DecodeStep(ref32.transformer, compile=True, compile_backend="aot_eager")._inductor_options() is None
     monkeypatch.setenv("DEEPPORT_COMPILE_ASSERTS", "1")
-    assert DecodeStep(ref32.transformer, compile=True)._inductor_options() is None
+    opts = DecodeStep(ref32.transformer, compile=True)._inductor_options()
+    assert not any(k in opts for k in ("size_asserts", "alignment_asserts", "scalar_asserts"))
+
+
+def test_one_row_products_become_inductor_reductions_on_a_cpu(ref32):
+    """On a CPU the compiled step asks Inductor to turn one-row matrix products into its own fused reductions
+    (decompose_mm_pass; embedded batch 1 +10%): a batch-1 projection leaves no mm in the generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    step = DecodeStep(ref32.transformer, compile=True)
+    assert "decompose_mm_pass" in step._inductor_options()["post_grad_fusion_options"]
+    torch._dynamo.reset()
+    w, x = torch.randn(128, 256), torch.randn(1, 256)
+
+    def norm_then_project(x):
+        return torch.nn.functional.rms_norm(x, (256,), None, 1e-6) @ w.t()
+
+    fn = torch.compile(norm_then_project, options=step._inductor_options(), fullgraph=True)
+    got, code = run_and_get_code(fn, x)
+    torch.testing.assert_close(got, norm_then_project(x), rtol=1e-5, atol=1e-5)
+    assert "extern_kernels.mm" not in code[0]
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow
