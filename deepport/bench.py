@@ -10,8 +10,8 @@ from deepport import json_out
 def bench_interleaved(model, prompts, max_new_tokens: int, repeats: int, modes=(False, True)) -> dict:
     """Per mode (False: plain decoding, True: MTP), the medians of `repeats` runs after one warm-up each, the
     modes' runs alternating (plain, MTP, plain, ...) so that a machine's drift lands on both alike."""
-    for mtp in modes:
-        model.generate_batch(prompts, max_new_tokens=min(4, max_new_tokens), mtp=mtp)  # warm-up (compiles kernels)
+    for mtp in modes:  # warm-up with the timed runs' shapes: a compiled step compiles one graph per cache size
+        model.generate_batch(prompts, max_new_tokens=max_new_tokens, mtp=mtp)
     runs = {mtp: [] for mtp in modes}
     for _ in range(repeats):
         for mtp in modes:

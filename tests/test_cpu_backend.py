@@ -484,10 +484,45 @@ def test_bench_alternates_plain_and_mtp_runs():
             return [SimpleNamespace(stats=stats)]
 
     out = bench_interleaved(Fake(), [[1, 2]], 8, 3)
-    assert calls == [(False, 4), (True, 4)] + [(False, 8), (True, 8)] * 3
+    assert calls == [(False, 8), (True, 8)] * 4  # the warm-ups run the timed shapes (a compiled step: one graph per cache size)
     assert out[False] == {"decode_tokens_per_s": 2.0, "prefill_tokens_per_s": 1.0}
     assert out[True]["acceptance_rate"] == 0.9 and out[True]["decode_tokens_per_s"] == 3.0
     r = run_cli("bench", "--mtp", "--repeats", "1", "--max-new-tokens", "6", "--threads", "1", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["mtp_speedup"] > 0 and rep["mtp"]["tokens_per_forward"] >= 1.0
+
+
+def test_bench_compare_warm_up_runs_the_shapes_the_timed_runs_run(monkeypatch):
+    """A compiled step compiles one graph per cache size, and the cache size follows the new tokens: a warm-up
+    shorter than the timed runs left the first timed run compiling (`bench --compare transformers --compile
+    --repeats 1` read 0.02x so). Every run on both sides, warm-up included, has the timed length."""
+    from types import SimpleNamespace
+
+    from deepport import bench_compare
+
+    dp_calls, hf_calls = [], []
+
+    class Fake:
+        path = "model"
+        transformer = None
+
+        def encode(self, prompt):
+            return [5, 6, 7]
+
+        def generate_batch(self, rows, max_new_tokens):
+            dp_calls.append(max_new_tokens)
+            stats = {"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0}
+            return [SimpleNamespace(stats=stats, tokens=[1] * max_new_tokens) for _ in rows]
+
+    def hf_generate(hf, rows, new_tokens):
+        hf_calls.append(new_tokens)
+        return {"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0, "tokens": [[1] * new_tokens for _ in rows]}
+
+    monkeypatch.setattr(bench_compare, "load_transformers", lambda path: object())
+    monkeypatch.setattr(bench_compare, "hf_generate", hf_generate)
+    monkeypatch.setattr(bench_compare, "read_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(bench_compare, "decode_weight_bytes", lambda t, batch: 1e6)
+    out = bench_compare.compare(Fake(), "def f():", 2, 24, repeats=2)
+    assert dp_calls == [24, 24, 24] and hf_calls == [24, 24, 24]
+    assert out["decode_ratio"] == 1.0 and out["greedy_tokens_equal"] is True
