@@ -415,3 +415,34 @@ def test_buckets_pad_to_powers_of_two_and_caches_are_reused(ref32):
     assert (c.block_table == c.scratch).all()
     with pytest.raises(deepport.DeepportError, match="larger than the largest decode bucket"):
         step.bucket(1000)
+
+
+def _compiled_step_bench(*args):
+    import os
+    import subprocess
+
+    from test_core import ROOT
+
+    env = dict(os.environ, DEEPPORT_PROGRESS="0")
+    env.pop("TRITON_INTERPRET", None)  # else the interpreter's cuda/rocm are available too
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/compiled_step.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_compiled_step_bench_refuses_an_unknown_inductor_setting_before_loading():
+    r = _compiled_step_bench("--inductor", "no_such_setting=1")
+    assert r.returncode != 0 and "torch._inductor.config has no 'no_such_setting'" in r.stderr
+    r = _compiled_step_bench("--inductor", "cpp_wrapper")
+    assert r.returncode != 0 and "--inductor takes KEY=VALUE" in r.stderr
+
+
+@pytest.mark.slow  # Inductor code generation of the embedded model's batch-1 step (cached after the first run)
+def test_compiled_step_bench_times_and_profiles_the_compiled_step():
+    import json
+
+    r = _compiled_step_bench("--backend", "cpu", "--steps", "3", "--profile", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["step"].startswith("compiled (torch.compile") and out["step_ms"] > 0
+    assert out["calls_per_step"].get("_empty_strided_cpu", 0) > 0  # Inductor's wrapper allocates its buffers
+    assert len(out["profile_top"]) == 5 and "tottime" in out["profile_top"][0]

@@ -484,7 +484,7 @@ def test_bench_alternates_plain_and_mtp_runs():
             return [SimpleNamespace(stats=stats)]
 
     out = bench_interleaved(Fake(), [[1, 2]], 8, 3)
-    assert calls == [(False, 8), (True, 8)] * 4  # the warm-ups run the timed shapes (a compiled step: one graph per cache size)
+    assert calls == [(False, 8), (True, 8)] * 4  # warm-ups run the timed shapes (compiled: a graph per cache size)
     assert out[False] == {"decode_tokens_per_s": 2.0, "prefill_tokens_per_s": 1.0}
     assert out[True]["acceptance_rate"] == 0.9 and out[True]["decode_tokens_per_s"] == 3.0
     r = run_cli("bench", "--mtp", "--repeats", "1", "--max-new-tokens", "6", "--threads", "1", "--json")
