@@ -32,17 +32,18 @@ def _union_us(intervals) -> float:
     return total
 
 
-def host_overhead(m, batch: int, steps: int = 8, prompt_len: int = 8) -> dict:
+def host_overhead(m, batch: int, steps: int = 8, prompt_len: int = 8, max_tokens: int = 0) -> dict:
     """Profile `steps` decode steps of model m (its DecodeStep when it has one): wall ms per step, the
-    share of it outside op bodies, and the op-body ms."""
+    share of it outside op bodies, and the op-body ms. max_tokens: the cache's room a row (at least what the
+    steps need); give the timed runs' room so that a compiled step profiles the graph they ran, not a new one."""
     t = m.transformer
     device = t.embed.weight.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, t.args.vocab_size, (batch, prompt_len), generator=g).to(device)
     step = m.step
     with torch.inference_mode():
-        cache = step.cache(batch, prompt_len + 2 * steps + 4) if step is not None else \
-            t.new_cache(batch, prompt_len + 2 * steps + 4)
+        room = max(max_tokens, prompt_len + 2 * steps + 4)
+        cache = step.cache(batch, room) if step is not None else t.new_cache(batch, room)
         rows = list(range(batch))
         for r in rows:
             t(ids[r:r + 1], cache, rows=[r])
@@ -105,10 +106,11 @@ def compare(load, prompts, max_new_tokens: int, repeats: int, graphs: bool) -> d
         for name, m in variants.items():
             runs[name].append(m.generate_batch(prompts, max_new_tokens=max_new_tokens)[0].stats["decode_tokens_per_s"])
     batch = len(prompts)
+    room = max(len(p) for p in prompts) + max_new_tokens + 1  # generate's room a row: the timed runs' cache size
     for name, m in variants.items():
         out[name]["decode_tokens_per_s"] = statistics.median(runs[name])
         out[name]["tokens_equal_eager"] = [r.tokens for r in first[name]] == [r.tokens for r in first["eager"]]
-        out[name].update(host_overhead(m, batch))
+        out[name].update(host_overhead(m, batch, max_tokens=room))
         if m.step is not None:
             out[name]["step"] = m.step.describe()
             out[name]["step_report"] = list(m.step.report)

@@ -446,3 +446,23 @@ def test_compiled_step_bench_times_and_profiles_the_compiled_step():
     assert out["step"].startswith("compiled (torch.compile") and out["step_ms"] > 0
     assert out["calls_per_step"].get("_empty_strided_cpu", 0) > 0  # Inductor's wrapper allocates its buffers
     assert len(out["profile_top"]) == 5 and "tottime" in out["profile_top"][0]
+
+
+def test_bench_profiles_the_graph_the_timed_runs_ran(ref32):
+    """`bench --compile` profiles the host overhead on the cache size the timed runs used: with a cache of its own
+    size, a compiled step compiled one more graph just to be profiled (about 20 s on the embedded cpu model)."""
+    from types import SimpleNamespace
+
+    from deepport import bench_step
+
+    t = ref32.transformer
+    step = DecodeStep(t, compile=True, compile_backend="eager")
+    prompt, new = [5, 6, 7, 8], 40
+    generate(t, [prompt], new, step=step)  # room 45 -> a 64-token cache
+    seen = set(step._seen)
+    m = SimpleNamespace(transformer=t, step=step)
+    bench_step.host_overhead(m, 1, steps=2, max_tokens=len(prompt) + new + 1)  # the room generate used
+    assert step._seen == seen
+    bench_step.host_overhead(m, 1, steps=2)  # its own room (16 tokens): another cache, another graph
+    assert len(step._seen) == len(seen) + 1
+    torch._dynamo.reset()
