@@ -6,7 +6,7 @@ Usage: python benchmarks/compiled_step.py [--batch 1] [--steps 150] [--profile 2
 It loads the model with compile=True, prefills `--batch` distinct random prompts, and times `--steps` decode steps
 through the model's DecodeStep (after 10 warm steps that compile). `--profile N` then profiles 100 more steps and
 prints the N entries with the most own time, and the count per step of Inductor's buffer calls
-(`empty_strided`, `reinterpret_tensor`). `--inductor KEY=VALUE` sets `torch._inductor.config.KEY` before
+(`empty_strided_<device>`, `reinterpret_tensor`). `--inductor KEY=VALUE` sets `torch._inductor.config.KEY` before
 compiling (e.g. `cpp_wrapper=True`, `freezing=True`, `memory_planning=True`): to compare, run each variant in its
 own process, alternating, each with its own TORCHINDUCTOR_CACHE_DIR (not every setting is in Inductor's cache
 key). Prints one JSON object; docs/performance.md (compiled part) records what it measured.
@@ -22,6 +22,7 @@ import time
 import torch
 
 import deepport
+from deepport.bench_step import decoder
 
 
 def _set_inductor(options: list[str]) -> dict:
@@ -60,31 +61,24 @@ def main():
     torch.set_num_threads(a.threads)
     options = _set_inductor(a.inductor)
     m = deepport.load(a.model, backend=a.backend, compile=True)
-    t, step = m.transformer, m.step
-    rows = list(range(a.batch))
-    prompt = 8
-    total = prompt + 10 + a.steps + (100 if a.profile else 0)
+    step = m.step
+    device = m.transformer.embed.weight.device
+
+    def sync():  # a GPU step only launches kernels: time what it runs
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.inference_mode():
-        ids = torch.randint(0, t.args.vocab_size, (a.batch, prompt), generator=torch.Generator().manual_seed(0))
-        cache = step.cache(a.batch, total)
-        for r in rows:
-            t(ids[r:r + 1], cache, rows=[r])
-        tok = ids[:, -1:]
-
-        def one():
-            nonlocal tok
-            cache.reserve(rows, 1)
-            logits = step(tok, cache)[1][:a.batch, -1]
-            cache.advance(rows, 1)
-            tok = logits.argmax(-1, keepdim=True)
-
+        one = decoder(m, a.batch, 8 + 10 + a.steps + (100 if a.profile else 0))  # 8 prompt tokens, 10 warm steps
         t0 = time.perf_counter()
         for _ in range(10):
             one()
+        sync()
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(a.steps):
             one()
+        sync()
         out = {"backend": m.backend, "model": str(m.path), "batch": a.batch, "inductor": options,
                "step": step.describe(), "warm_up_s": round(warm_s, 2),
                "step_ms": (time.perf_counter() - t0) / a.steps * 1e3}
@@ -96,7 +90,7 @@ def main():
             prof.disable()
             stats = pstats.Stats(prof)
             calls = {name: n / 100 for (_, _, name), (n, *_rest) in stats.stats.items()
-                     if name.endswith(("_empty_strided_cpu>", "_reinterpret_tensor>"))}
+                     if "_empty_strided_" in name or "_reinterpret_tensor" in name}
             out["calls_per_step"] = {k.strip("<>").split(".")[-1]: v for k, v in calls.items()}
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(a.profile)

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from deepport.core.generate import cache_room
+
 _OP_PREFIXES = ("aten::", "cpp_fused", "triton_", "graph_", "cuda")
 
 
@@ -32,43 +34,52 @@ def _union_us(intervals) -> float:
     return total
 
 
+def decoder(m, batch: int, room: int, prompt_len: int = 8):
+    """Decode steps one at a time, as generate() runs them, over `batch` rows prefilled with seeded random ids
+    (call it, and what it returns, under torch.inference_mode()): returns one(), which runs a step and returns the
+    greedy ids [batch, 1] it fed back. room: the cache's tokens a row; a compiled step compiles one graph per
+    cache size, so give the room of the runs whose graph should be measured."""
+    t, step = m.transformer, m.step
+    device = t.embed.weight.device
+    ids = torch.randint(0, t.args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    rows = list(range(batch))
+    cache = step.cache(batch, room) if step is not None else t.new_cache(batch, room)
+    for r in rows:
+        t(ids[r:r + 1], cache, rows=[r])
+    tok = ids[:, -1:]
+
+    def one():
+        nonlocal tok
+        if step is not None:  # the caller of a step reserves and advances (core/step.py)
+            cache.reserve(rows, 1)
+            logits = step(tok, cache)[1][:batch, -1]
+            cache.advance(rows, 1)
+        else:  # the eager forward reserves and advances itself
+            logits = t.logits(t(tok, cache)[:, -1])
+        tok = logits.argmax(-1, keepdim=True)
+        return tok
+
+    one.cache = cache
+    return one
+
+
 def host_overhead(m, batch: int, steps: int = 8, prompt_len: int = 8, max_tokens: int = 0) -> dict:
     """Profile `steps` decode steps of model m (its DecodeStep when it has one): wall ms per step, the
     share of it outside op bodies, and the op-body ms. max_tokens: the cache's room a row (at least what the
     steps need); give the timed runs' room so that a compiled step profiles the graph they ran, not a new one."""
-    t = m.transformer
-    device = t.embed.weight.device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, t.args.vocab_size, (batch, prompt_len), generator=g).to(device)
-    step = m.step
+    device = m.transformer.embed.weight.device
     with torch.inference_mode():
-        room = max(max_tokens, prompt_len + 2 * steps + 4)
-        cache = step.cache(batch, room) if step is not None else t.new_cache(batch, room)
-        rows = list(range(batch))
-        for r in rows:
-            t(ids[r:r + 1], cache, rows=[r])
-        tok = ids[:, -1:]
-
-        def one():
-            cache.reserve(rows, 1)
-            if step is not None:
-                logits = step(tok, cache)[1][:batch, -1]
-            else:
-                logits = t.logits(t(tok, cache)[:, -1])
-                cache.advance(rows, 1)
-                return logits
-            cache.advance(rows, 1)
-            return logits
-
+        one = decoder(m, batch, max(max_tokens, prompt_len + steps + 2), prompt_len)
         for _ in range(2):  # warm (compiles or captures new shapes)
-            tok = one().argmax(-1, keepdim=True)
+            one()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         acts = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(steps):
                 with torch.profiler.record_function("deepport.decode_step"):
-                    tok = one().argmax(-1, keepdim=True)
+                    one()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     marks = [e for e in events if e.name == "deepport.decode_step"]
     shares, walls, bodies = [], [], []
@@ -106,7 +117,7 @@ def compare(load, prompts, max_new_tokens: int, repeats: int, graphs: bool) -> d
         for name, m in variants.items():
             runs[name].append(m.generate_batch(prompts, max_new_tokens=max_new_tokens)[0].stats["decode_tokens_per_s"])
     batch = len(prompts)
-    room = max(len(p) for p in prompts) + max_new_tokens + 1  # generate's room a row: the timed runs' cache size
+    room = cache_room(prompts, max_new_tokens)  # the timed runs' cache size: profile the graph they ran
     for name, m in variants.items():
         out[name]["decode_tokens_per_s"] = statistics.median(runs[name])
         out[name]["tokens_equal_eager"] = [r.tokens for r in first[name]] == [r.tokens for r in first["eager"]]

@@ -466,3 +466,19 @@ def test_bench_profiles_the_graph_the_timed_runs_ran(ref32):
     bench_step.host_overhead(m, 1, steps=2)  # its own room (16 tokens): another cache, another graph
     assert len(step._seen) == len(seen) + 1
     torch._dynamo.reset()
+
+
+def test_bench_decoder_writes_one_token_a_step_eager_and_through_a_step(ref32):
+    """The bench's decode loop advances each row by one token a step on both paths (the eager forward advances the
+    cache itself; the eager profile used to advance it a second time, attending over unwritten slots)."""
+    from types import SimpleNamespace
+
+    from deepport.bench_step import decoder
+
+    t = ref32.transformer
+    for step in (None, DecodeStep(t)):
+        with torch.inference_mode():
+            one = decoder(SimpleNamespace(transformer=t, step=step), 2, 16, prompt_len=5)
+            for _ in range(3):
+                assert one().shape == (2, 1)
+        assert one.cache.lens[:2] == [8, 8] and one.cache.seq_lens[:2].tolist() == [8, 8], step

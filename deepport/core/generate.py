@@ -85,6 +85,12 @@ def _same_length_groups(prompts: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def cache_room(prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Tokens a row the plain loop's cache holds (a compiled step has one graph per cache size: `bench` sizes the
+    caches it profiles with this too)."""
+    return max(len(p) for p in prompts) + max_new_tokens + 1
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, eos_id: int | None = None, block_size: int = 16, step=None) -> Generation:
@@ -101,7 +107,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         raise DeepportError("max_new_tokens must be at least 1")
     device = model.embed.weight.device
     b = len(prompts)
-    room = max(len(p) for p in prompts) + max_new_tokens + 1
+    room = cache_room(prompts, max_new_tokens)
     cache = step.cache(b, room, block_size) if step is not None else model.new_cache(b, room, block_size)
     real = list(range(b))
     sampler = Sampler(model.ops, temperature, top_p, seed, defer=True)
