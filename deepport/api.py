@@ -173,7 +173,9 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
         if dp_attention:
             dp_attention_mod.apply(t, world)
         dev = distributed.device_for(world, dev)
-    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan, check_weights=check_weights)
+    keep_codes = fp8 is None and b.keeps_fp8_codes is not None and b.keeps_fp8_codes()
+    checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan, check_weights=check_weights,
+                         keep_fp8_codes=keep_codes)
     t.inv_freq = t.inv_freq.to(dev)
     t.eval()
     m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)

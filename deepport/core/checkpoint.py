@@ -1,6 +1,7 @@
 """Hugging Face DeepSeek-V3 checkpoints: name map, memory-mapped shard-by-shard loading, fp8 handling, writing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -14,8 +15,8 @@ from safetensors.torch import save_file
 from deepport.core import settings, weight_checks
 from deepport.core.config import ModelArgs, from_hf_config
 from deepport.core.errors import CheckpointError
-from deepport.core.formats import (E4M3FN, Fp8Format, dequantize_weight, fn_to_fnuz, fp8_format, is_fp8,
-                                   quantize_weight)
+from deepport.core.formats import (E4M3FN, Fp8Format, Fp8Weight, dequantize_weight, fn_to_fnuz, fp8_format,
+                                   is_fp8, quantize_weight)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _fp8_pairs(path: Path, select=None, what: str = "checkpoint"):
 
 
 def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8: Fp8Format | None,
-              device: torch.device, shard=None, check_weights: bool = True) -> None:
+              device: torch.device, shard=None, check_weights: bool = True, keep_fp8_codes: bool = False) -> None:
     """Fill a meta-device Transformer from an HF checkpoint directory.
 
     fp8 weights stay fp8 when `fp8` is given (re-encoded to e4m3fnuz if that is the target format) or are
@@ -207,7 +208,9 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     `shard` (parallel.ShardPlan) makes each rank read only its slices: `shard.region(name, spec, shape,
     dtype)` picks what to read (None: another rank's expert), `shard.place(name, value, scale, spec)`
     trims the read window and renumbers local experts. `check_weights` refuses NaN/inf weights and fp8 scales
-    that are not positive and finite (core/weight_checks.py).
+    that are not positive and finite (core/weight_checks.py). `keep_fp8_codes` (fp8 weights dequantised to
+    `dtype`): the routed experts' e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of
+    the same values) on each stacked expert weight, see attach_fp8_codes.
     """
     path = Path(path)
     args = model.args
@@ -242,6 +245,10 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
         if shard is not None:
             value, value_scale, spec = shard.place(name, value, value_scale, spec)
         _assign(model, spec, value, value_scale, device, stacked, args)
+        if keep_fp8_codes and fp8 is None and shard is None and spec.expert is not None and scale is not None \
+                and t.dtype == torch.float8_e4m3fn:
+            _assign(model, dataclasses.replace(spec, target=spec.target + "#codes"), t, scale.float(), device,
+                    stacked, args, store=False)
     missing = [n for n in specs if n not in seen and n not in skipped]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}; "
@@ -250,6 +257,23 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
         for pname, p in list(mod.named_parameters(recurse=False)):
             if p.is_meta:
                 raise CheckpointError(f"parameter {pname} of {type(mod).__name__} was not loaded")
+    for key in [k for k in stacked if k.endswith("#codes")]:
+        mod, attr = _resolve(model, key.removesuffix("#codes"))
+        attach_fp8_codes(getattr(mod, attr), Fp8Weight(stacked[key], stacked[key + "_scale_inv"]))
+
+
+def attach_fp8_codes(weight: torch.Tensor, codes: Fp8Weight) -> None:
+    """Keep `codes` (the fp8 form of `weight`'s values) on `weight` for kernels that read fp8 codes; fp8_codes_of
+    returns them only while `weight` has not been changed in place since."""
+    weight.fp8_codes = (codes, weight._version)
+
+
+def fp8_codes_of(weight) -> Fp8Weight | None:
+    """The Fp8Weight attached to `weight` by load_into(keep_fp8_codes=True), None if none or `weight` has changed."""
+    kept = getattr(weight, "fp8_codes", None)
+    if kept is None or weight.is_inference() or kept[1] != weight._version:
+        return None
+    return kept[0]
 
 
 def _convert(name, t, scale, spec, dtype, fp8):
@@ -279,7 +303,17 @@ def _resolve(model, target: str):
     return obj, parts[-1]
 
 
-def _assign(model, spec: Spec, value, scale, device, stacked, args) -> None:
+def _assign(model, spec: Spec, value, scale, device, stacked, args, store: bool = True) -> None:
+    """Set a loaded tensor on the model (stacked experts: into row spec.expert). store=False: only into
+    `stacked` (keyed by spec.target), shaped as the model's tensor at spec.target minus its suffix after '#'."""
+    if not store:
+        mod, attr = _resolve(model, spec.target.partition("#")[0])
+        n = getattr(mod, attr).shape[0]
+        for key, v in ((spec.target, value), (spec.target + "_scale_inv", scale)):
+            if key not in stacked:
+                stacked[key] = torch.empty((n, *v.shape), dtype=v.dtype, device=device)
+            stacked[key][spec.expert] = v.to(device)
+        return
     mod, attr = _resolve(model, spec.target)
     if spec.expert is None:
         setattr(mod, attr, torch.nn.Parameter(value.to(device), requires_grad=False))

@@ -96,3 +96,8 @@ def cpu_gemm_layout() -> str:
         raise ConfigError(f"DEEPPORT_CPU_GEMM_LAYOUT={value!r} is not a layout; use tuned (the default), kmajor, "
                           f"nk or onednn, or unset it")
     return value
+
+
+def cpu_native() -> bool:
+    """DEEPPORT_CPU_NATIVE=0: the cpu backend does not build or use its C kernels (torch's calls run instead)."""
+    return os.environ.get("DEEPPORT_CPU_NATIVE", "1") not in ("0", "false", "no")

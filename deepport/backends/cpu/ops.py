@@ -16,10 +16,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from deepport.backends.cpu import gemm_layout
+from deepport.backends.cpu import gemm_layout, native
 from deepport.backends.cpu_ref.ops import weight_dequant  # one torch dequantisation: the spec's is already fast
 from deepport.backends.torch_common import all_reduce, all_to_all, sample
 from deepport.core import preconditions
+from deepport.core.checkpoint import fp8_codes_of
 from deepport.core.errors import ContractError
 from deepport.core.formats import AMAX_FLOOR, Fp8Weight, check_scale_fmt, round_scale_up_pow2
 
@@ -380,6 +381,8 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
 
 # MoE strategy (measured in whole decode steps, docs/performance.md): decode is bound by reading weights and,
 # for small models, by the number of torch calls.
+#   fp32 and the C kernel built (backends/cpu/native): one call for the whole layer, reading an FP8 checkpoint's
+#     expert codes where load kept them (a quarter of the bytes), up to _NATIVE_MAX_TOKENS tokens, see _use_native;
 #   up to _PER_TOKEN_MAX tokens (batch-1 decode, MTP's 2-token verification): a host loop over each token's k
 #     experts on per-expert views of the stacked weights, 3 GEMVs each (reads only those experts; the ids are
 #     host values on a CPU, so reading them costs no sync; MTP 1.06x with 2 against 1.01x with 1 and 1.04x with 4);
@@ -391,6 +394,26 @@ def moe_gate(x, weight, bias, n_groups, topk_groups, topk, route_scale, norm_top
 _PAIR_MAX = 64
 _HOST_EXPERT_BYTES = 1 << 20
 _PER_TOKEN_MAX = 2  # M <= this: the per-token expert loop (batch-1 decode, MTP verification: measured, see docs)
+_NATIVE_EXPERT_BYTES = 1 << 20
+_NATIVE_MAX_TOKENS = 16  # past it the sorted GEMMs win (embedded shapes: 24 tokens 505 vs 480-565 us, 64: 721 vs 1140)
+
+
+def _use_native(x, w1, w2, w3, fp8: bool) -> bool:
+    """The C kernel runs fp32 CPU tensors that need no grad, outside tracing, where it was measured faster than
+    the torch strategies (docs/performance.md): up to _NATIVE_MAX_TOKENS tokens, and then for experts under
+    _NATIVE_EXPERT_BYTES (cache-resident: calls cost more than reading), or on one thread (MKL splits larger
+    GEMMs across threads) reading fp8 codes (fp8: a quarter of the bytes) or for up to _PER_TOKEN_MAX tokens."""
+    if isinstance(w1, Fp8Weight) or not (x.dtype == w1.dtype == w2.dtype == w3.dtype == F32):
+        return False
+    if x.shape[0] > _NATIVE_MAX_TOKENS or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if x.requires_grad or w1.requires_grad or w2.requires_grad or w3.requires_grad or not native.available():
+        return False
+    if not (w1.is_contiguous() and w2.is_contiguous() and w3.is_contiguous()):
+        return False
+    if 3 * w1.shape[1] * w1.shape[2] * 4 < _NATIVE_EXPERT_BYTES:
+        return True
+    return torch.get_num_threads() == 1 and (fp8 or x.shape[0] <= _PER_TOKEN_MAX)
 
 
 def _swiglu(gate, up):
@@ -557,7 +580,11 @@ def _transposed_views(w):
 
 def _experts_on_host(x, topk_weights, topk_ids, w1, w2, w3):
     """The eager strategies (reading ids and counts on the host), fp32 [M, D]."""
-    if x.shape[0] <= _PER_TOKEN_MAX:
+    codes = tuple(fp8_codes_of(w) for w in (w1, w2, w3)) if not isinstance(w1, Fp8Weight) else (None,)
+    codes = None if None in codes else codes
+    if _use_native(x, w1, w2, w3, codes is not None):
+        return native.moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes)
+    if x.shape[0] <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight):
         return _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
     return _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
 
@@ -595,15 +622,12 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3):
         raise ContractError(f"moe_experts: expert weights are {w1.dtype}/{w2.dtype}/{w3.dtype} but x is {x.dtype}; "
                             f"the contract takes them in x.dtype (or as Fp8Weight): convert them once at load, "
                             f"not per call")
-    m = x.shape[0]
     if torch.compiler.is_compiling() and not isinstance(w1, Fp8Weight):
         if _traced_strategy(x, topk_ids, w1, w2, w3) == "host":
             return torch.ops.deepport_cpu.moe_experts_host(x, topk_weights, topk_ids, w1, w2, w3)
         y = _experts_pairs(x, topk_weights, topk_ids, w1, w2, w3)
-    elif m <= _PER_TOKEN_MAX and not isinstance(w1, Fp8Weight):
-        y = _experts_per_token(x, topk_weights, topk_ids, w1, w2, w3)
     else:
-        y = _experts_grouped(x, topk_weights, topk_ids, w1, w2, w3)
+        y = _experts_on_host(x, topk_weights, topk_ids, w1, w2, w3)
     return y.to(x.dtype)
 
 

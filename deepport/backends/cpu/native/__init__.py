@@ -1,0 +1,127 @@
+"""The cpu backend's C kernels: built once per machine with the system C compiler, loaded through ctypes.
+
+A kernel here replaces tens of torch calls by one where the calls cost more than the arithmetic (the embedded
+model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The source ships in the package; the
+first use compiles it (`cc -O3 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the
+source, the compiler and the CPU, so an upgrade or another machine rebuilds. No compiler (or
+DEEPPORT_CPU_NATIVE=0): the torch paths run, and `status()` says why (shown in the op sources of `deepport
+backends` and `generate --json`). torch.compile's Inductor needs the same compiler on a CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from deepport.core import settings
+
+_SRC = Path(__file__).with_name("moe_experts.c")
+_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _arch_flags(cc: str) -> tuple[str, ...]:
+    """-march=native where the compiler takes it (x86, recent ARM compilers), else -mcpu=native, else none."""
+    for flag in ("-march=native", "-mcpu=native"):
+        probe = subprocess.run([cc, flag, "-x", "c", "-fsyntax-only", "-"], input=b"int x;\n", capture_output=True)
+        if probe.returncode == 0:
+            return (flag,)
+    return ()
+
+
+def _key(cc: str, flags: tuple[str, ...]) -> str:
+    from deepport.backends.cpu import capability
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    h = hashlib.sha256(_SRC.read_bytes())
+    for part in (cc, *version, *flags, platform.machine(), capability.model_name(), *sorted(capability.cpu_flags())):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if not settings.cpu_native():
+        return None, "off (DEEPPORT_CPU_NATIVE=0)"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (install gcc or clang, or set CC)"
+    flags = _arch_flags(cc) + _FLAGS
+    out_dir = settings.cache_dir() / "native"
+    lib = out_dir / f"moe_experts-{_key(cc, flags)}.so"
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: concurrent builds are safe
+        os.close(fd)
+        run = subprocess.run([cc, *flags, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            os.unlink(tmp)
+            first = (run.stderr.strip().splitlines() or ["no output"])[0]
+            return None, f"C build failed ({Path(cc).name}: {first})"
+        os.replace(tmp, lib)
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as e:
+        return None, f"could not load {lib.name}: {e}"
+    for name, pointers in (("deepport_moe_experts_f32", 7), ("deepport_moe_experts_e4m3", 10)):
+        fn = getattr(dll, name)
+        fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * pointers
+        fn.restype = ctypes.c_int
+    return dll, f"C ({Path(cc).name} {' '.join(flags[:1])})"
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    return _build()
+
+
+def status() -> str:
+    """What runs the C kernels here: `C (cc -march=native)`, or why they do not run."""
+    return _loaded()[1]
+
+
+def available() -> bool:
+    return _loaded()[0] is not None
+
+
+def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
+    """The routed experts through the C kernel: fp32 [M, D]. w1, w2, w3: fp32 [E, I, D], [E, D, I], [E, I, D];
+    codes: None, or (w1, w2, w3) as Fp8Weight (e4m3fn codes, 128x128 blocks) holding the same values, which the
+    kernel then reads instead (a quarter of the bytes). The caller checks eligibility (fp32 tensors on the CPU,
+    contiguous weights, nothing that needs grad, not tracing) and that the kernel is available."""
+    import torch
+
+    from deepport.core.errors import ContractError
+
+    m, d = x.shape
+    e, inter, _ = w1.shape
+    ids = topk_ids if topk_ids.dtype == torch.int64 else topk_ids.long()
+    wts = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    x, ids, wts = x.contiguous(), ids.contiguous(), wts.contiguous()
+    y = torch.empty(m, d, dtype=torch.float32)
+    lib = _loaded()[0]
+    head = (m, d, inter, ids.shape[1], e, x.data_ptr(), ids.data_ptr(), wts.data_ptr())
+    if codes is None:
+        rc = lib.deepport_moe_experts_f32(*head, w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), y.data_ptr())
+    else:
+        c1, c2, c3 = codes
+        rc = lib.deepport_moe_experts_e4m3(*head, c1.weight.data_ptr(), c1.scale_inv.data_ptr(), c3.weight.data_ptr(),
+                                           c3.scale_inv.data_ptr(), c2.weight.data_ptr(), c2.scale_inv.data_ptr(),
+                                           y.data_ptr())
+    if rc == -1:
+        raise ContractError(f"moe_experts: topk_ids holds an expert id >= {e} (the number of experts); ids must be "
+                            f"in [0, {e}) or negative (no expert)")
+    if rc != 0:
+        raise MemoryError(f"moe_experts: the C kernel could not allocate its buffers ({m} tokens, {e} experts)")
+    return y

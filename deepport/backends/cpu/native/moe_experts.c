@@ -1,0 +1,224 @@
+/* deepport cpu: the routed experts of one MoE layer in one call, fp32 arithmetic.
+
+   y[t] = sum_j wts[t,j] * w2[e](silu(w1[e] x[t]) * w3[e] x[t]),  e = ids[t,j] (ids < 0 contribute nothing).
+
+   Why C: on a small model a torch call costs more than its arithmetic (a batch-1 step of the embedded model
+   issued ~45 torch calls per MoE layer for ~1.5 MB of weights), and a decode step is bound by reading the
+   expert weights: the fp8 entry point reads an FP8 checkpoint's codes (1 byte a weight) and their 128x128
+   block scales instead of the dequantised fp32 copy (4 bytes), converting in registers. The (token, expert)
+   pairs are sorted by expert once; each expert's rows are read once per block of up to four tokens: w1[e] and
+   w3[e] [I, D] (gate and up of a row together), then w2[e] [D, I], adding each output straight into y.
+
+   Built at first use by deepport/backends/cpu/native/__init__.py with the system C compiler (-O3
+   -march=native); no Python or torch headers. Plain IEEE fp32 (no -ffast-math): dot products in 8-lane
+   partial sums (as a vectorised BLAS GEMV sums) and, for fp8, one scale multiply per 128-wide block of a row
+   (sum_b s_b * sum_j code_j x_j: the dequantised weights' products up to rounding). Single-threaded. */
+#include <math.h>
+#include <stdint.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+typedef uint8_t b8v __attribute__((vector_size(8)));
+
+#define INLINE static inline __attribute__((always_inline))
+#define TOKENS 4 /* tokens an expert's rows are read for at once */
+
+INLINE v8 ld(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* 8 e4m3fn codes as fp32: sign and the 7 exponent/mantissa bits placed under fp32's, times 2^120 (exact, also
+   for subnormal codes). NaN codes (0x7f, 0xff) are refused at load (core/weight_checks.py). */
+INLINE v8 ld_e4m3(const uint8_t *p) {
+#if defined(__AVX2__) /* one zero-extending load: GCC's generic widening of 8 bytes goes lane by lane */
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i bits = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(w, 24), _mm256_set1_epi32((int)0x80000000u)),
+                                   _mm256_and_si256(_mm256_slli_epi32(w, 20), _mm256_set1_epi32(0x07F00000)));
+    return (v8)_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
+#else
+    b8v c;
+    memcpy(&c, p, sizeof c);
+    u8v w = __builtin_convertvector(c, u8v);
+    u8v bits = ((w << 24) & 0x80000000u) | ((w << 20) & 0x07F00000u);
+    v8 f;
+    memcpy(&f, &bits, sizeof f);
+    return f * 0x1p120f;
+#endif
+}
+
+INLINE float e4m3(uint8_t c) {
+    uint32_t bits = ((uint32_t)(c & 0x80) << 24) | ((uint32_t)(c & 0x7F) << 20);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f * 0x1p120f;
+}
+
+/* A weight matrix row: fp32 values, or e4m3 codes with the scales of its row block (one per 128 columns). */
+typedef struct {
+    const void *p;
+    const float *s; /* fp8: scale of each K block of this row */
+} row_t;
+
+INLINE v8 wv(row_t r, int64_t j, int q) { return q ? ld_e4m3((const uint8_t *)r.p + j) : ld((const float *)r.p + j); }
+INLINE float w1s(row_t r, int64_t j, int q) { return q ? e4m3(((const uint8_t *)r.p)[j]) : ((const float *)r.p)[j]; }
+
+INLINE float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* out[r * TOKENS + t] += rows[r] . xs[t] over columns [j0, j1), scaled by the rows' block scale (fp8), for
+   NR rows and NT tokens with NR * NT <= 8 (accumulators in registers). */
+INLINE void block(const row_t *r, int nr, const float *const *xs, int nt, int64_t j0, int64_t j1, int64_t kb,
+                  int q, float *out) {
+    v8 a[8] = {{0}};
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        v8 x[4];
+        for (int t = 0; t < nt; t++) x[t] = ld(xs[t] + j);
+        for (int i = 0; i < nr; i++) {
+            v8 w = wv(r[i], j, q);
+            for (int t = 0; t < nt; t++) a[i * nt + t] += w * x[t];
+        }
+    }
+    for (int i = 0; i < nr; i++)
+        for (int t = 0; t < nt; t++) {
+            float s = hsum(a[i * nt + t]);
+            for (int64_t jj = j; jj < j1; jj++) s += w1s(r[i], jj, q) * xs[t][jj];
+            out[i * TOKENS + t] += q ? s * r[i].s[kb] : s;
+        }
+}
+
+INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, int64_t k, int q, float *out) {
+    int64_t step = q ? 128 : k;
+    for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++) block(r, nr, xs, nt, j0, j0 + step < k ? j0 + step : k, kb, q, out);
+}
+
+/* Dot products of 4 rows with nt (<= TOKENS) tokens: out[r * TOKENS + t] (rows past nr are copies, unwritten). */
+static void dots(const row_t r[4], int nr, const float *const xs[TOKENS], int nt, int64_t k, int q, float *out) {
+    memset(out, 0, 4 * TOKENS * sizeof(float));
+    if (nt <= 2) {
+        if (q) {
+            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, 1, out); else dots_nr_nt(r, 4, xs, 2, k, 1, out);
+        } else {
+            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, 0, out); else dots_nr_nt(r, 4, xs, 2, k, 0, out);
+        }
+        return;
+    }
+    const float *x4[4];
+    for (int t = 0; t < 4; t++) x4[t] = xs[t < nt ? t : nt - 1];
+    for (int h = 0; h < nr; h += 2) {
+        row_t r2[2] = {r[h], r[h + 1 < nr ? h + 1 : h]};
+        float o[2 * TOKENS] = {0};
+        if (q) dots_nr_nt(r2, 2, x4, 4, k, 1, o); else dots_nr_nt(r2, 2, x4, 4, k, 0, o);
+        memcpy(out + h * TOKENS, o, (h + 1 < nr ? 2 : 1) * TOKENS * sizeof(float));
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* A stacked expert weight [E, N, K]: fp32, or e4m3 codes with scales [E, ceil(N/128), ceil(K/128)]. */
+typedef struct {
+    const void *w;
+    const float *s;
+    int64_t n, k;
+    int q;
+} mat_t;
+
+static row_t row(mat_t m, int64_t e, int64_t n) {
+    row_t r;
+    size_t esz = m.q ? 1 : sizeof(float);
+    r.p = (const char *)m.w + ((size_t)(e * m.n + n) * (size_t)m.k) * esz;
+    int64_t nb = (m.n + 127) / 128, kb = (m.k + 127) / 128;
+    r.s = m.q ? m.s + (e * nb + n / 128) * kb : NULL;
+    return r;
+}
+
+/* One expert for nt (<= TOKENS) tokens: h[t] = silu(w1 x_t) * (w3 x_t), then y_t += wt_t * (w2 h_t). */
+static void expert(mat_t w1, mat_t w3, mat_t w2, int64_t e, const float *const xs[TOKENS], float *const ys[TOKENS],
+                   const float wt[TOKENS], int nt, float *h) {
+    int64_t d = w1.k, inter = w1.n;
+    float o[4 * TOKENS];
+    for (int64_t i = 0; i < inter; i += 2) {
+        int64_t i1 = i + 1 < inter ? i + 1 : i; /* an odd last row is computed twice, written once */
+        row_t r[4] = {row(w1, e, i), row(w3, e, i), row(w1, e, i1), row(w3, e, i1)};
+        dots(r, 4, xs, nt, d, w1.q, o);
+        for (int t = 0; t < nt; t++) {
+            h[t * inter + i] = silu(o[t]) * o[TOKENS + t];
+            if (i1 != i) h[t * inter + i1] = silu(o[2 * TOKENS + t]) * o[3 * TOKENS + t];
+        }
+    }
+    const float *hs[TOKENS];
+    for (int t = 0; t < TOKENS; t++) hs[t] = h + (t < nt ? t : 0) * inter;
+    for (int64_t c = 0; c < d; c += 4) {
+        int nr = d - c < 4 ? (int)(d - c) : 4;
+        row_t r[4];
+        for (int i = 0; i < 4; i++) r[i] = row(w2, e, c + (i < nr ? i : nr - 1));
+        dots(r, nr, hs, nt, inter, w2.q, o);
+        for (int i = 0; i < nr; i++)
+            for (int t = 0; t < nt; t++) ys[t][c + i] += wt[t] * o[i * TOKENS + t];
+    }
+}
+
+static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x, const int64_t *ids,
+               const float *wts, mat_t w1, mat_t w3, mat_t w2, float *y) {
+    memset(y, 0, (size_t)(m * d) * sizeof(float));
+    int64_t p = m * k;
+    for (int64_t i = 0; i < p; i++)
+        if (ids[i] >= e) return -1;
+    int64_t *start = calloc((size_t)e + 1, sizeof(int64_t));
+    int64_t *fill = malloc((size_t)(e > 0 ? e : 1) * sizeof(int64_t));
+    int64_t *pair = malloc((size_t)(p > 0 ? p : 1) * sizeof(int64_t));
+    float *h = malloc((size_t)(TOKENS * inter) * sizeof(float));
+    int rc = 0;
+    if (!start || !fill || !pair || !h) {
+        rc = -2;
+        goto done;
+    }
+    for (int64_t i = 0; i < p; i++) /* counting sort of the pairs by expert, stable: token order within one */
+        if (ids[i] >= 0) start[ids[i] + 1]++;
+    for (int64_t j = 0; j < e; j++) start[j + 1] += start[j];
+    memcpy(fill, start, (size_t)e * sizeof(int64_t));
+    for (int64_t i = 0; i < p; i++)
+        if (ids[i] >= 0) pair[fill[ids[i]]++] = i;
+    for (int64_t j = 0; j < e; j++) {
+        for (int64_t q = start[j]; q < start[j + 1]; q += TOKENS) {
+            int nt = start[j + 1] - q < TOKENS ? (int)(start[j + 1] - q) : TOKENS;
+            const float *xs[TOKENS];
+            float *ys[TOKENS];
+            float wt[TOKENS];
+            for (int t = 0; t < TOKENS; t++) {
+                int64_t pr = pair[q + (t < nt ? t : nt - 1)];
+                xs[t] = x + (pr / k) * d;
+                ys[t] = y + (pr / k) * d;
+                wt[t] = wts[pr];
+            }
+            expert(w1, w3, w2, j, xs, ys, wt, nt, h);
+        }
+    }
+done:
+    free(start); free(fill); free(pair); free(h);
+    return rc;
+}
+
+/* x [m, d]; ids, wts [m, k]; w1, w3 [e, inter, d]; w2 [e, d, inter]; y [m, d] (written). All contiguous.
+   Returns 0; -1 where an id is >= e (y then holds zeros); -2 where memory ran out. */
+int deepport_moe_experts_f32(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x,
+                             const int64_t *ids, const float *wts, const float *w1, const float *w3,
+                             const float *w2, float *y) {
+    mat_t a = {w1, NULL, inter, d, 0}, b = {w3, NULL, inter, d, 0}, c = {w2, NULL, d, inter, 0};
+    return run(m, d, inter, k, e, x, ids, wts, a, b, c, y);
+}
+
+/* As deepport_moe_experts_f32, the weights as e4m3fn codes (same shapes, 1 byte each) with fp32 scales
+   s1, s3 [e, ceil(inter/128), ceil(d/128)] and s2 [e, ceil(d/128), ceil(inter/128)]. */
+int deepport_moe_experts_e4m3(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x,
+                              const int64_t *ids, const float *wts, const uint8_t *w1, const float *s1,
+                              const uint8_t *w3, const float *s3, const uint8_t *w2, const float *s2, float *y) {
+    mat_t a = {w1, s1, inter, d, 1}, b = {w3, s3, inter, d, 1}, c = {w2, s2, d, inter, 1};
+    return run(m, d, inter, k, e, x, ids, wts, a, b, c, y);
+}

@@ -1,0 +1,134 @@
+"""The cpu backend's C MoE kernel (deepport/backends/cpu/native): its values against cpu_ref on seeded inputs, fp32
+and read from fp8 codes; when the op uses it; the fp8 codes load keeps; and what happens without a compiler."""
+import pytest
+import torch
+
+import deepport
+from deepport.backends.cpu import native
+from deepport.backends.cpu import ops as cpu
+from deepport.backends.cpu_ref import ops as ref
+from deepport.core import checkpoint
+from deepport.core.errors import ContractError
+from deepport.core.formats import Fp8Weight, dequantize_weight, fp8_format, quantize_weight
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel not built here: {native.status()}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fp8(w):
+    """Stacked [E, N, K] -> (Fp8Weight of e4m3fn codes, the fp32 weight those codes dequantise to)."""
+    fmt = fp8_format("e4m3fn")
+    codes, scales = zip(*(quantize_weight(w[i], fmt) for i in range(w.shape[0])))
+    c, s = torch.stack(codes), torch.stack(scales).float()
+    return Fp8Weight(c, s), dequantize_weight(c, s, 128, torch.float32)
+
+
+def _case(seed, m, d, i, e, k):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=g)
+    (c1, w1), (c3, w3) = (_fp8(torch.randn(e, i, d, generator=g) / d ** 0.5) for _ in range(2))
+    c2, w2 = _fp8(torch.randn(e, d, i, generator=g) / i ** 0.5)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    return x, torch.rand(m, k, generator=g), ids, (w1, w2, w3), (c1, c2, c3)
+
+
+# odd sizes: K tails past the 8-lane vectors, an odd I (last gate/up row pair), D not a multiple of 4 rows, more
+# than 128 columns (two fp8 scale blocks a row), 1-16 tokens (blocks of 1, 2, 3 and 4 tokens an expert)
+@pytest.mark.parametrize("m,d,i,e,k", [(1, 256, 128, 16, 4), (2, 256, 128, 16, 4), (3, 136, 17, 3, 3),
+                                       (8, 300, 200, 9, 2), (16, 40, 24, 7, 3), (5, 7, 5, 2, 2)])
+@pytest.mark.parametrize("codes", [False, True])
+def test_c_kernel_matches_cpu_ref(m, d, i, e, k, codes):
+    x, w, ids, (w1, w2, w3), fp8 = _case(100 * m + d, m, d, i, e, k)
+    ids[0, 0] = -1  # an unused slot contributes nothing
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    got = native.moe_experts(x, w, ids, w1, w2, w3, fp8 if codes else None)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got.abs().max() > 0.1  # not a zero output passing by tolerance
+
+
+def test_c_kernel_refuses_an_expert_id_past_the_experts():
+    x, w, ids, (w1, w2, w3), _ = _case(7, 2, 32, 16, 4, 2)
+    ids[1, 1] = 4
+    with pytest.raises(ContractError, match="expert id >= 4"):
+        native.moe_experts(x, w, ids, w1, w2, w3)
+
+
+def test_op_uses_the_kernel_up_to_16_tokens_and_the_torch_strategies_past_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "moe_experts", lambda *a: calls.append(a[0].shape[0]) or ref.moe_experts(*a[:6]))
+    for m in (1, 16, 17):
+        x, w, ids, (w1, w2, w3), _ = _case(m, m, 64, 32, 8, 2)
+        cpu.moe_experts(x, w, ids, w1, w2, w3)
+    assert calls == [1, 16]
+    big = torch.zeros(2, 1024, 512)  # 6 MiB an expert: C for fp8 codes or <= 2 tokens, on one thread
+    assert cpu._use_native(torch.zeros(8, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True)
+    assert not cpu._use_native(torch.zeros(8, 512), big, big.transpose(1, 2).contiguous(), big, fp8=False)
+    torch.set_num_threads(2)
+    assert not cpu._use_native(torch.zeros(1, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True)
+
+
+def test_load_keeps_the_fp8_expert_codes_the_weights_were_dequantised_from():
+    m = deepport.load(backend="cpu")
+    experts = m.transformer.layers[1].ffn.experts
+    for name in ("w1", "w2", "w3"):
+        w = getattr(experts, name)
+        codes = checkpoint.fp8_codes_of(w)
+        assert codes is not None and codes.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(dequantize_weight(codes.weight, codes.scale_inv, 128, torch.float32), w)
+    with torch.no_grad():
+        experts.w1.mul_(2)  # changed in place: the codes no longer hold its values
+    assert checkpoint.fp8_codes_of(experts.w1) is None and checkpoint.fp8_codes_of(experts.w2) is not None
+    assert "native: C (" in m.op_sources()["moe_experts"]
+
+
+def test_greedy_tokens_and_logits_with_and_without_the_kernel(monkeypatch):
+    m = deepport.load(backend="cpu")
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n"]
+    ids = torch.tensor([m.encode(prompts[0])])
+    with_c = m.generate_batch(prompts, max_new_tokens=16)
+    logits_c = m.logits(ids)
+    monkeypatch.setattr(cpu, "_use_native", lambda *a: False)
+    without = m.generate_batch(prompts, max_new_tokens=16)
+    assert [r.tokens for r in with_c] == [r.tokens for r in without]
+    torch.testing.assert_close(logits_c, m.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native._loaded.cache_clear()
+    try:
+        assert not native.available() and "no C compiler" in native.status()
+        x, w, ids, (w1, w2, w3), _ = _case(3, 4, 64, 32, 8, 2)
+        want = ref.moe_experts(x, w, ids, w1, w2, w3)
+        torch.testing.assert_close(cpu.moe_experts(x, w, ids, w1, w2, w3), want, rtol=1e-5, atol=1e-5)
+        m = deepport.load(backend="cpu")
+        assert "no C compiler" in m.op_sources()["moe_experts"]
+        assert checkpoint.fp8_codes_of(m.transformer.layers[1].ffn.experts.w1) is None  # no codes kept for nothing
+        monkeypatch.setenv("DEEPPORT_CPU_NATIVE", "0")
+        native._loaded.cache_clear()
+        assert native.status() == "off (DEEPPORT_CPU_NATIVE=0)"
+    finally:
+        native._loaded.cache_clear()
+
+
+def test_the_kernel_builds_into_the_cache_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))
+    native._loaded.cache_clear()
+    try:
+        assert native.available()
+        built = list((tmp_path / "native").glob("moe_experts-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native._loaded.cache_clear()
+        assert native.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+        assert list((tmp_path / "native").iterdir()) == built  # no temporary file left behind
+    finally:
+        native._loaded.cache_clear()
