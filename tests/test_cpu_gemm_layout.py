@@ -19,7 +19,10 @@ from test_cpu_backend import _experts  # noqa: E402  (x, topk weights, ids, w1, 
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch, tmp_path):
-    """One torch thread, an empty DEEPPORT_CACHE, and no remembered choices before and after each test."""
+    """One torch thread, an empty DEEPPORT_CACHE, and no remembered choices before and after each test. The MoE
+    runs its torch strategies, whose weight layouts these tests check (the C kernel reads weights as stored and
+    is tested in test_cpu_native.py)."""
+    monkeypatch.setattr(cpu, "_use_native", lambda *a: False)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))

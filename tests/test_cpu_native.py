@@ -100,12 +100,13 @@ def test_greedy_tokens_and_logits_with_and_without_the_kernel(monkeypatch):
     torch.testing.assert_close(logits_c, m.logits(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(monkeypatch, tmp_path):
+def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_compiler", lambda: None)
     native._loaded.cache_clear()
     try:
         assert not native.available() and "no C compiler" in native.status()
+        assert "C MoE kernel is not in use: no C compiler found" in capsys.readouterr().err
         x, w, ids, (w1, w2, w3), _ = _case(3, 4, 64, 32, 8, 2)
         want = ref.moe_experts(x, w, ids, w1, w2, w3)
         torch.testing.assert_close(cpu.moe_experts(x, w, ids, w1, w2, w3), want, rtol=1e-5, atol=1e-5)
@@ -115,6 +116,7 @@ def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(mon
         monkeypatch.setenv("DEEPPORT_CPU_NATIVE", "0")
         native._loaded.cache_clear()
         assert native.status() == "off (DEEPPORT_CPU_NATIVE=0)"
+        assert "C MoE kernel" not in capsys.readouterr().err
     finally:
         native._loaded.cache_clear()
 

@@ -4,8 +4,8 @@ A kernel here replaces tens of torch calls by one where the calls cost more than
 model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The source ships in the package; the
 first use compiles it (`cc -O3 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the
 source, the compiler and the CPU, so an upgrade or another machine rebuilds. No compiler (or
-DEEPPORT_CPU_NATIVE=0): the torch paths run, and `status()` says why (shown in the op sources of `deepport
-backends` and `generate --json`). torch.compile's Inductor needs the same compiler on a CPU.
+DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not for DEEPPORT_CPU_NATIVE=0),
+and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
 """
 from __future__ import annotations
 
@@ -83,7 +83,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 
 @functools.lru_cache(maxsize=1)
 def _loaded() -> tuple[ctypes.CDLL | None, str]:
-    return _build()
+    lib, how = _build()
+    if lib is None and settings.cpu_native():  # said once a process; DEEPPORT_CPU_NATIVE=0 was the user's choice
+        from deepport.core import registry
+
+        registry.warn(f"cpu backend: the C MoE kernel is not in use: {how}; the torch paths run instead (slower "
+                      f"decode on small models; DEEPPORT_CPU_NATIVE=0 silences this)")
+    return lib, how
 
 
 def status() -> str:
