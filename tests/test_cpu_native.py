@@ -126,7 +126,7 @@ def test_the_kernel_builds_into_the_cache_once(monkeypatch, tmp_path):
     native._loaded.cache_clear()
     try:
         assert native.available()
-        built = list((tmp_path / "native").glob("moe_experts-*.so"))
+        built = list((tmp_path / "native").glob("kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native._loaded.cache_clear()

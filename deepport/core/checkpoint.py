@@ -210,7 +210,8 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     trims the read window and renumbers local experts. `check_weights` refuses NaN/inf weights and fp8 scales
     that are not positive and finite (core/weight_checks.py). `keep_fp8_codes` (fp8 weights dequantised to
     `dtype`): the routed experts' e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of
-    the same values) on each stacked expert weight, see attach_fp8_codes.
+    the same values) on each stacked expert weight, see attach_fp8_codes. (Other linear layers were measured:
+    reading their codes in C was slower than MKL on the dequantised weights, docs/performance.md.)
     """
     path = Path(path)
     args = model.args

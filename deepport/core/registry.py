@@ -56,7 +56,7 @@ class Backend:
     #                          Inductor fuses across ops (no opaque deepport:: custom ops; --graphs still wraps)
     keeps_fp8_codes: Callable[[], bool] | None = None  # True: an FP8 checkpoint served in another dtype keeps
     #   its routed experts' fp8 codes beside the dequantised weights (param.fp8_codes, core/checkpoint.py) for
-    #   kernels that read them instead (cpu's C MoE kernel: a quarter of the bytes); costs 1 byte per weight more
+    #   kernels that read them instead (cpu's C MoE kernel: a quarter of the bytes); 1 byte per weight more
 
     def evidence_label(self) -> str:
         """How a conformance report labels results: interpreter, stand-in, reference or hardware: <device>."""

@@ -1,11 +1,11 @@
 """The cpu backend's C kernels: built once per machine with the system C compiler, loaded through ctypes.
 
 A kernel here replaces tens of torch calls by one where the calls cost more than the arithmetic (the embedded
-model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The source ships in the package; the
-first use compiles it (`cc -O3 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the
-source, the compiler and the CPU, so an upgrade or another machine rebuilds. No compiler (or
-DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not for DEEPPORT_CPU_NATIVE=0),
-and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
+model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sources (moe_experts.c, simd.h)
+ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
+DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the CPU, so an upgrade or another machine
+rebuilds. No compiler (or DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not
+for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from deepport.core import settings
 
-_SRC = Path(__file__).with_name("moe_experts.c")
+_HERE = Path(__file__).parent
+_SOURCES = ("moe_experts.c",)  # with simd.h: one library
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
 
 
@@ -45,7 +46,9 @@ def _key(cc: str, flags: tuple[str, ...]) -> str:
     from deepport.backends.cpu import capability
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    h = hashlib.sha256(_SRC.read_bytes())
+    h = hashlib.sha256()
+    for name in (*_SOURCES, "simd.h"):
+        h.update((_HERE / name).read_bytes())
     for part in (cc, *version, *flags, platform.machine(), capability.model_name(), *sorted(capability.cpu_flags())):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -59,12 +62,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (install gcc or clang, or set CC)"
     flags = _arch_flags(cc) + _FLAGS
     out_dir = settings.cache_dir() / "native"
-    lib = out_dir / f"moe_experts-{_key(cc, flags)}.so"
+    lib = out_dir / f"kernels-{_key(cc, flags)}.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: concurrent builds are safe
         os.close(fd)
-        run = subprocess.run([cc, *flags, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+        run = subprocess.run([cc, *flags, "-o", tmp, *(str(_HERE / n) for n in _SOURCES), "-lm"],
+                             capture_output=True, text=True)
         if run.returncode != 0:
             os.unlink(tmp)
             first = (run.stderr.strip().splitlines() or ["no output"])[0]
@@ -131,3 +135,4 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
     if rc != 0:
         raise MemoryError(f"moe_experts: the C kernel could not allocate its buffers ({m} tokens, {e} experts)")
     return y
+

@@ -15,50 +15,12 @@
    (sum_b s_b * sum_j code_j x_j: the dequantised weights' products up to rounding). Single-threaded. */
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef uint32_t u8v __attribute__((vector_size(32)));
-typedef uint8_t b8v __attribute__((vector_size(8)));
+#include "simd.h"
 
-#define INLINE static inline __attribute__((always_inline))
 #define TOKENS 4 /* tokens an expert's rows are read for at once */
-
-INLINE v8 ld(const float *p) {
-    v8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* 8 e4m3fn codes as fp32: sign and the 7 exponent/mantissa bits placed under fp32's, times 2^120 (exact, also
-   for subnormal codes). NaN codes (0x7f, 0xff) are refused at load (core/weight_checks.py). */
-INLINE v8 ld_e4m3(const uint8_t *p) {
-#if defined(__AVX2__) /* one zero-extending load: GCC's generic widening of 8 bytes goes lane by lane */
-    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i bits = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(w, 24), _mm256_set1_epi32((int)0x80000000u)),
-                                   _mm256_and_si256(_mm256_slli_epi32(w, 20), _mm256_set1_epi32(0x07F00000)));
-    return (v8)_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
-#else
-    b8v c;
-    memcpy(&c, p, sizeof c);
-    u8v w = __builtin_convertvector(c, u8v);
-    u8v bits = ((w << 24) & 0x80000000u) | ((w << 20) & 0x07F00000u);
-    v8 f;
-    memcpy(&f, &bits, sizeof f);
-    return f * 0x1p120f;
-#endif
-}
-
-INLINE float e4m3(uint8_t c) {
-    uint32_t bits = ((uint32_t)(c & 0x80) << 24) | ((uint32_t)(c & 0x7F) << 20);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f * 0x1p120f;
-}
 
 /* A weight matrix row: fp32 values, or e4m3 codes with the scales of its row block (one per 128 columns). */
 typedef struct {
@@ -68,8 +30,6 @@ typedef struct {
 
 INLINE v8 wv(row_t r, int64_t j, int q) { return q ? ld_e4m3((const uint8_t *)r.p + j) : ld((const float *)r.p + j); }
 INLINE float w1s(row_t r, int64_t j, int q) { return q ? e4m3(((const uint8_t *)r.p)[j]) : ((const float *)r.p)[j]; }
-
-INLINE float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* out[r * TOKENS + t] += rows[r] . xs[t] over columns [j0, j1), scaled by the rows' block scale (fp8), for
    NR rows and NT tokens with NR * NT <= 8 (accumulators in registers). */
@@ -95,7 +55,8 @@ INLINE void block(const row_t *r, int nr, const float *const *xs, int nt, int64_
 
 INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, int64_t k, int q, float *out) {
     int64_t step = q ? 128 : k;
-    for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++) block(r, nr, xs, nt, j0, j0 + step < k ? j0 + step : k, kb, q, out);
+    for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++)
+        block(r, nr, xs, nt, j0, j0 + step < k ? j0 + step : k, kb, q, out);
 }
 
 /* Dot products of 4 rows with nt (<= TOKENS) tokens: out[r * TOKENS + t] (rows past nr are copies, unwritten). */
