@@ -147,8 +147,10 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
     if dp_attention:
         dp_attention_mod.check(layout)
     want_fp8 = dtype in ("fp8", "auto")
+    # a backend that reads an FP8 checkpoint's codes (keeps_fp8_codes) gets presets in FP8 too, as DeepSeek-V3 ships
+    keeps_codes = b.keeps_fp8_codes is not None and b.keeps_fp8_codes()
     with distributed.one_rank_at_a_time(layout):  # presets are materialised once per host
-        path = models.resolve(model, fp8=want_fp8 and "fp8" in b.dtypes)
+        path = models.resolve(model, fp8=want_fp8 and ("fp8" in b.dtypes or keeps_codes))
     args, cfg = checkpoint.read_config(path)
     dtype = _pick_dtype(dtype, b, ckpt_fp8=args.fp8_block is not None)
     if args.fp8_block is not None and dtype != "fp8" and "fp8" in b.dtypes and b.resolve_fp8_format() is None:
@@ -173,9 +175,8 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
         if dp_attention:
             dp_attention_mod.apply(t, world)
         dev = distributed.device_for(world, dev)
-    keep_codes = fp8 is None and b.keeps_fp8_codes is not None and b.keeps_fp8_codes()
     checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan, check_weights=check_weights,
-                         keep_fp8_codes=keep_codes)
+                         keep_fp8_codes=fp8 is None and keeps_codes)
     t.inv_freq = t.inv_freq.to(dev)
     t.eval()
     m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deepport.core import settings
+from deepport.core.checkpoint import fp8_codes_of
 from deepport.core.errors import DeepportError
 
 
@@ -87,13 +88,16 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 def decode_weight_bytes(transformer, batch: int = 1) -> int:
     """Weight bytes one decode step of the main model reads: everything but the embedding table (one row
     per token) and the MTP modules, with routed experts counted by the expected number touched by `batch`
-    tokens (E * (1 - (1 - k/E)^batch))."""
+    tokens (E * (1 - (1 - k/E)^batch)), as the fp8 codes and scales where load kept them (param.fp8_codes)."""
     a = transformer.args
     total = 0
     for name, p in transformer.named_parameters():
         if name.startswith(("mtp.", "embed.")):
             continue
         nbytes = p.numel() * p.element_size()
+        codes = fp8_codes_of(p)  # kept by a backend that reads them instead (cpu's C MoE kernel in decode)
+        if codes is not None:
+            nbytes = codes.weight.numel() * codes.weight.element_size() + codes.scale_inv.numel() * 4
         if ".experts." in name:
             nbytes *= 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
         total += nbytes

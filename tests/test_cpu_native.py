@@ -134,3 +134,26 @@ def test_the_kernel_builds_into_the_cache_once(monkeypatch, tmp_path):
         assert list((tmp_path / "native").iterdir()) == built  # no temporary file left behind
     finally:
         native._loaded.cache_clear()
+
+
+def test_every_e4m3_code_reads_as_its_value():
+    """One-hot tokens pick one column each: over 256 columns, every non-NaN code (subnormals, -0, both signs)
+    of w1 and w3 meets the kernel's conversion, against cpu_ref on the dequantised weights."""
+    e, i, d = 1, 8, 256
+    raw = (torch.arange(d).unsqueeze(0) + 37 * torch.arange(i).unsqueeze(1)) % 256
+    raw[(raw == 0x7F) | (raw == 0xFF)] = 0  # NaN codes are refused at load
+    codes = raw.to(torch.uint8).view(torch.float8_e4m3fn).unsqueeze(0)
+    scale = torch.full((e, 1, 2), 0.5)
+    c13 = Fp8Weight(codes, scale)
+    c2 = Fp8Weight(codes.transpose(1, 2).contiguous()[:, :, :i].contiguous(), torch.full((e, 2, 1), 0.25))
+    w13 = dequantize_weight(codes, scale, 128, torch.float32)
+    w2 = dequantize_weight(c2.weight, c2.scale_inv, 128, torch.float32)
+    for start in range(0, d, 16):
+        x = torch.zeros(16, d)
+        x[torch.arange(16), start + torch.arange(16)] = 1.0
+        ids, wts = torch.zeros(16, 1, dtype=torch.int64), torch.ones(16, 1)
+        want = ref.moe_experts(x.double(), wts.double(), ids, w13.double(), w2.double(), w13.double())
+        got = native.moe_experts(x, wts, ids, w13, w2, w13, (c13, c2, c13))
+        # fp32 sums of 8 products cancel near 0: the bound is relative to the largest output (a misread code is off
+        # by at least one code step, about 6% of its value)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

@@ -5,7 +5,8 @@ model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sourc
 ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
 DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the CPU, so an upgrade or another machine
 rebuilds. No compiler (or DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not
-for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
+for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's
+Inductor needs the same compiler.
 """
 from __future__ import annotations
 

@@ -28,20 +28,20 @@ typedef struct {
     const float *s; /* fp8: scale of each K block of this row */
 } row_t;
 
-INLINE v8 wv(row_t r, int64_t j, int q) { return q ? ld_e4m3((const uint8_t *)r.p + j) : ld((const float *)r.p + j); }
+INLINE vf wv(row_t r, int64_t j, int q) { return q ? ld_e4m3((const uint8_t *)r.p + j) : ld((const float *)r.p + j); }
 INLINE float w1s(row_t r, int64_t j, int q) { return q ? e4m3(((const uint8_t *)r.p)[j]) : ((const float *)r.p)[j]; }
 
 /* out[r * TOKENS + t] += rows[r] . xs[t] over columns [j0, j1), scaled by the rows' block scale (fp8), for
    NR rows and NT tokens with NR * NT <= 8 (accumulators in registers). */
 INLINE void block(const row_t *r, int nr, const float *const *xs, int nt, int64_t j0, int64_t j1, int64_t kb,
                   int q, float *out) {
-    v8 a[8] = {{0}};
+    vf a[8] = {{0}};
     int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) {
-        v8 x[4];
+    for (; j + VW <= j1; j += VW) {
+        vf x[4];
         for (int t = 0; t < nt; t++) x[t] = ld(xs[t] + j);
         for (int i = 0; i < nr; i++) {
-            v8 w = wv(r[i], j, q);
+            vf w = wv(r[i], j, q);
             for (int t = 0; t < nt; t++) a[i * nt + t] += w * x[t];
         }
     }
