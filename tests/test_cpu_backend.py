@@ -346,9 +346,17 @@ def test_rope_rotation_cache_is_per_table_pair():
 def test_decode_weight_bytes_counts_expected_experts():
     from deepport import bench_compare
 
+    from deepport.core.checkpoint import fp8_codes_of
+
     m = deepport.load(backend="cpu")
     a = m.transformer.args
-    params = {n: p.numel() * p.element_size() for n, p in m.transformer.named_parameters()}
+
+    def read(p):  # the routed experts are read as the fp8 codes (and scales) load kept for the C kernel
+        c = fp8_codes_of(p)
+        return p.numel() * p.element_size() if c is None else c.weight.numel() + 4 * c.scale_inv.numel()
+
+    params = {n: read(p) for n, p in m.transformer.named_parameters()}
+    assert sum(fp8_codes_of(p) is not None for p in m.transformer.parameters()) > 0
     experts = sum(v for n, v in params.items() if ".experts." in n and not n.startswith("mtp."))
     other = sum(v for n, v in params.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
     for batch in (1, 8):
