@@ -157,3 +157,33 @@ def test_every_e4m3_code_reads_as_its_value():
         # fp32 sums of 8 products cancel near 0: the bound is relative to the largest output (a misread code is off
         # by at least one code step, about 6% of its value)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("e,groups,topk_groups,k", [(16, 4, 2, 4), (256, 8, 4, 8), (64, 1, 1, 6), (8, 8, 3, 3)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_c_routing_picks_what_cpu_ref_picks(e, groups, topk_groups, k, m):
+    g = torch.Generator().manual_seed(e + m)
+    x, w, bias = torch.randn(m, 64, generator=g), torch.randn(e, 64, generator=g), torch.randn(e, generator=g) * 0.01
+    want_w, want_ids = ref.moe_gate(x, w, bias, groups, topk_groups, k, 2.5)
+    got_w, got_ids = cpu.moe_gate(x, w, bias, groups, topk_groups, k, 2.5)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w.float(), rtol=1e-5, atol=1e-6)
+    # exact ties (equal biased scores, equal group sums) go to the lower index, as the host selection picks
+    biased = torch.sigmoid(x @ w.T) + bias
+    biased[:, 3] = biased[:, 1]
+    biased[:, e - 1] = biased[:, 0]
+    if groups >= 2:
+        biased[:, e // groups: 2 * (e // groups)] = biased[:, : e // groups]  # groups 0 and 1: equal sums
+    assert torch.equal(native.moe_route(biased, groups, topk_groups, k),
+                       cpu._route_on_host(biased, groups, topk_groups, k))
+
+
+def test_gate_routes_in_c_up_to_16_tokens(monkeypatch):
+    calls = []
+    real = native.moe_route
+    monkeypatch.setattr(native, "moe_route", lambda b, *a: calls.append(b.shape[0]) or real(b, *a))
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(16, 32, generator=g), torch.zeros(16)
+    for m in (1, 16, 17):
+        cpu.moe_gate(torch.randn(m, 32, generator=g), w, bias, 4, 2, 4, 1.0)
+    assert calls == [1, 16]

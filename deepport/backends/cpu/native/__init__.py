@@ -1,8 +1,8 @@
 """The cpu backend's C kernels: built once per machine with the system C compiler, loaded through ctypes.
 
 A kernel here replaces tens of torch calls by one where the calls cost more than the arithmetic (the embedded
-model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sources (moe_experts.c, simd.h)
-ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
+model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sources (moe_experts.c,
+moe_route.c, simd.h) ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
 DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the CPU, so an upgrade or another machine
 rebuilds. No compiler (or DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not
 for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's
@@ -23,7 +23,7 @@ from pathlib import Path
 from deepport.core import settings
 
 _HERE = Path(__file__).parent
-_SOURCES = ("moe_experts.c",)  # with simd.h: one library
+_SOURCES = ("moe_experts.c", "moe_route.c")  # with simd.h: one library
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
 
 
@@ -79,7 +79,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         dll = ctypes.CDLL(str(lib))
     except OSError as e:
         return None, f"could not load {lib.name}: {e}"
-    for name, pointers in (("deepport_moe_experts_f32", 7), ("deepport_moe_experts_e4m3", 10)):
+    for name, pointers in (("deepport_moe_experts_f32", 7), ("deepport_moe_experts_e4m3", 10),
+                           ("deepport_moe_route", 2)):
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
@@ -137,3 +138,17 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
         raise MemoryError(f"moe_experts: the C kernel could not allocate its buffers ({m} tokens, {e} experts)")
     return y
 
+
+ROUTE_MAX_EXPERTS = 1024  # moe_route.c's per-token buffers
+
+
+def moe_route(biased, n_groups: int, topk_groups: int, topk: int):
+    """Expert ids [M, topk] (int64) from biased scores [M, E] through the C selection (moe_route.c); the caller
+    checks the contract (core/preconditions.moe_gate), E <= ROUTE_MAX_EXPERTS, fp32 on the CPU."""
+    import torch
+
+    b = biased.contiguous()
+    m, e = b.shape
+    ids = torch.empty(m, topk, dtype=torch.int64)
+    _loaded()[0].deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
+    return ids

@@ -1,0 +1,48 @@
+/* deepport cpu: DeepSeek-V3's expert selection for a few tokens in one call.
+
+   From the biased scores [M, E] (sigmoid scores + e_score_correction_bias, fp32): per group of E / n_groups
+   experts the sum of its two largest scores (one fp32 add, as torch's sum of two rounds), the topk_groups groups
+   with the largest sums, then the topk experts with the largest biased scores among those groups; every order
+   is largest first, ties to the lower index, as the torch path and cpu_ref pick. Why C: the torch path needs
+   ~9 calls a layer (two topk, a scatter, a masked fill, ...), more than the selection costs. */
+#include <stdint.h>
+
+/* index of the largest v[i] over i in [0, n) with taken[i] == 0 (ties: the lower index); -1 if none. */
+static int64_t best(const float *v, const unsigned char *taken, int64_t n) {
+    int64_t b = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!taken[i] && (b < 0 || v[i] > v[b])) b = i;
+    return b;
+}
+
+/* biased [m, e]; ids [m, topk] (written). e % n_groups == 0, topk_groups <= n_groups, topk <= topk_groups *
+   e / n_groups, e <= 1024 and n_groups <= 1024 (checked by the caller). Returns 0. */
+int deepport_moe_route(int64_t m, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk,
+                       const float *biased, int64_t *ids) {
+    int64_t g = e / n_groups;
+    for (int64_t t = 0; t < m; t++) {
+        const float *b = biased + t * e;
+        unsigned char blocked[1024] = {0}; /* experts outside the kept groups, or already picked */
+        if (n_groups > 1) {
+            float sums[1024];
+            unsigned char used[1024] = {0};
+            for (int64_t i = 0; i < n_groups; i++) {
+                unsigned char none[1024] = {0};
+                int64_t a = best(b + i * g, none, g);
+                none[a] = 1;
+                int64_t c = g > 1 ? best(b + i * g, none, g) : -1;
+                sums[i] = c < 0 ? b[i * g + a] : b[i * g + a] + b[i * g + c];
+            }
+            for (int64_t k = 0; k < topk_groups; k++) used[best(sums, used, n_groups)] = 1;
+            for (int64_t i = 0; i < n_groups; i++)
+                if (!used[i])
+                    for (int64_t j = 0; j < g; j++) blocked[i * g + j] = 1;
+        }
+        for (int64_t k = 0; k < topk; k++) {
+            int64_t j = best(b, blocked, e);
+            ids[t * topk + k] = j;
+            blocked[j] = 1;
+        }
+    }
+    return 0;
+}
