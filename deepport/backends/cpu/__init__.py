@@ -42,7 +42,7 @@ def _sources() -> dict:
             "linear": "torch F.linear (fp8: act_quant + fp8_gemm)",
             "mla_prefill": "torch scaled_dot_product_attention",
             "mla_decode": "torch batched gather + bmm over the paged latent cache",
-            "moe_gate": "torch (up to 2 tokens: routing sorted on the host)",
+            "moe_gate": "torch scores; expert selection up to 16 tokens in one C call (else torch topk)",
             "moe_experts": f"up to 16 tokens: one C call a layer, reading FP8 checkpoints' expert codes (native: "
                            f"{native.status()}); else torch: per-token expert loop (M <= 2) / sorted groups; compiling: "
                            f"gathered pairs or those as one opaque op",
