@@ -187,3 +187,42 @@ def test_gate_routes_in_c_up_to_16_tokens(monkeypatch):
     for m in (1, 16, 17):
         cpu.moe_gate(torch.randn(m, 32, generator=g), w, bias, 4, 2, 4, 1.0)
     assert calls == [1, 16]
+
+
+def _attention_case(seed, b, s, h, c, r, p, lens, nb=32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, c, generator=g), torch.randn(b, s, h, r, generator=g)
+    kv, pe = torch.randn(nb, p, c, generator=g), torch.randn(nb, p, r, generator=g)
+    blocks = max(-(-n // p) for n in lens) + 1
+    table = torch.stack([torch.randperm(nb, generator=g)[:blocks] for _ in range(b)]).int()
+    return (*q, kv, pe, table, torch.tensor(lens, dtype=torch.int32))
+
+
+# ragged rows, S new queries each (causal among them), heads not a multiple of the kernel's block of 4, latent
+# and rope widths off the 8-lane vectors, a length on a block edge, a long row
+@pytest.mark.parametrize("b,s,h,c,r,p,lens", [(1, 1, 4, 128, 16, 16, [37]), (3, 2, 4, 128, 16, 16, [5, 40, 16]),
+                                              (2, 3, 5, 33, 7, 4, [3, 9]), (8, 1, 4, 128, 16, 16, [70] * 8),
+                                              (1, 2, 3, 64, 8, 64, [900])])
+def test_c_decode_matches_cpu_ref(b, s, h, c, r, p, lens):
+    args = _attention_case(b + s + c, b, s, h, c, r, p, lens)
+    want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in args), 0.125)
+    got = native.mla_decode(*args, 0.125)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)  # via the op
+
+
+def test_c_decode_refuses_a_block_id_outside_the_pool():
+    ql, qp, kv, pe, table, lens = _attention_case(5, 2, 1, 4, 16, 8, 4, [6, 3])
+    table[0, 1] = kv.shape[0]  # in use: row 0 holds 6 tokens in blocks of 4
+    with pytest.raises(ContractError, match="block id outside"):
+        native.mla_decode(ql, qp, kv, pe, table, lens, 0.5)
+
+
+def test_op_uses_the_c_decode_on_one_thread(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "mla_decode", lambda *a: calls.append(a[0].shape[0]) or ref.mla_decode(*a))
+    case = _attention_case(1, 2, 1, 4, 16, 8, 4, [6, 3])
+    cpu.mla_decode(*case, 0.5)
+    torch.set_num_threads(2)  # torch's batched GEMMs split across threads; the kernel does not
+    cpu.mla_decode(*case, 0.5)
+    assert calls == [2]

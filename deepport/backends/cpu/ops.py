@@ -253,6 +253,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     # eager: the lengths are host values on a CPU (no device to wait for), so read only the blocks in use
     lens = seq_lens.tolist()
     preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
+    if _native_attention(ql, kv_cache, pe_cache):
+        return native.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale).to(q_latent.dtype)
     top = max(lens)
     nblk = -(-top // p)
     if min(lens) != top:
@@ -270,6 +272,16 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
             per_query[:, i, :, top - s + i + 1:].fill_(float("-inf"))
     out = torch.bmm(scores.softmax(-1), ckv).view(b, s, h, c)
     return out if out.dtype == q_latent.dtype else out.to(q_latent.dtype)
+
+
+def _native_attention(ql, kv_cache, pe_cache) -> bool:
+    """The C decode kernel (one call a layer instead of ~20) for fp32 CPU tensors that need no grad, on one
+    thread (torch's batched GEMMs split across threads)."""
+    if not (ql.dtype == kv_cache.dtype == pe_cache.dtype == F32) or ql.device.type != "cpu":
+        return False
+    if ql.requires_grad or not (kv_cache.is_contiguous() and pe_cache.is_contiguous()):
+        return False
+    return torch.get_num_threads() == 1 and native.available()
 
 
 def _gather_blocks(pool, blocks):

@@ -2,7 +2,7 @@
 
 A kernel here replaces tens of torch calls by one where the calls cost more than the arithmetic (the embedded
 model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sources (moe_experts.c,
-moe_route.c, simd.h) ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
+moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
 DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the CPU, so an upgrade or another machine
 rebuilds. No compiler (or DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not
 for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's
@@ -23,7 +23,7 @@ from pathlib import Path
 from deepport.core import settings
 
 _HERE = Path(__file__).parent
-_SOURCES = ("moe_experts.c", "moe_route.c")  # with simd.h: one library
+_SOURCES = ("moe_experts.c", "moe_route.c", "mla_decode.c")  # with simd.h: one library
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
 
 
@@ -84,6 +84,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
+    dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
+                                                                                         ctypes.c_void_p]
+    dll.deepport_mla_decode_f32.restype = ctypes.c_int
     return dll, f"C ({Path(cc).name} {' '.join(flags[:1])})"
 
 
@@ -152,3 +155,28 @@ def moe_route(biased, n_groups: int, topk_groups: int, topk: int):
     ids = torch.empty(m, topk, dtype=torch.int64)
     _loaded()[0].deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
     return ids
+
+
+def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
+    """MLA decode through the C kernel (mla_decode.c): fp32 [B, S, H, C]. The caller checks the shapes and the
+    lengths (S <= L <= blocks * P, core/preconditions.py) and eligibility (fp32 CPU tensors, no grad, not tracing)."""
+    import torch
+
+    from deepport.core.errors import ContractError
+
+    b, s, h, c = q_latent.shape
+    nb, p, _ = kv_cache.shape
+    ql, qp = q_latent.contiguous(), q_pe.contiguous()
+    table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
+    lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
+    table, lens = table.contiguous(), lens.contiguous()
+    out = torch.empty(b, s, h, c, dtype=torch.float32)
+    rc = _loaded()[0].deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
+                                             qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
+                                             table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
+    if rc == -1:
+        raise ContractError(f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; "
+                            f"the cache's block table is corrupt")
+    if rc != 0:
+        raise MemoryError(f"mla_decode: the C kernel could not allocate its scores ({b} rows)")
+    return out

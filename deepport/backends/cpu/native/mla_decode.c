@@ -1,0 +1,106 @@
+/* deepport cpu: MLA decode over the paged latent cache in one call, fp32.
+
+   For each row b and each of its S new queries (query i at position L - S + i, L = lens[b]) and head: scores over
+   the keys 0 .. that position, scale * (q_latent . kv + q_pe . pe), softmax, then the probability-weighted sum of
+   the latent kv rows. Queries go in blocks of four: each cached kv / pe vector is loaded once for the four (the
+   scores), and each output lane block is summed over the tokens in registers (the weighted sum). Why C: torch
+   needs ~20 calls a layer for this (gathers, batched GEMMs, softmax, views), more than the arithmetic costs on
+   a small model. Single-threaded; built by deepport/backends/cpu/native/__init__.py. */
+#include "simd.h"
+
+#define QB 4 /* queries a block */
+
+/* scores of QB queries (q[i]: latent [c], pe [r]) against one key (kv [c], pe [r]) into out[i]. */
+INLINE void score4(const float *const ql[QB], const float *const qp[QB], const float *kv, const float *pe, int64_t c,
+                   int64_t r, float out[QB]) {
+    vf a[QB] = {{0}};
+    int64_t j = 0;
+    for (; j + VW <= c; j += VW) {
+        vf k = ld(kv + j);
+        for (int i = 0; i < QB; i++) a[i] += ld(ql[i] + j) * k;
+    }
+    int64_t t = 0;
+    for (; t + VW <= r; t += VW) {
+        vf k = ld(pe + t);
+        for (int i = 0; i < QB; i++) a[i] += ld(qp[i] + t) * k;
+    }
+    for (int i = 0; i < QB; i++) {
+        float s = hsum(a[i]);
+        for (int64_t jj = j; jj < c; jj++) s += ql[i][jj] * kv[jj];
+        for (int64_t tt = t; tt < r; tt++) s += qp[i][tt] * pe[tt];
+        out[i] = s;
+    }
+}
+
+/* q_latent [B, S, H, C]; q_pe [B, S, H, R]; kv [NB, P, C]; pe [NB, P, R]; table [B, T] int32 block ids;
+   lens [B] int32 (S <= lens[b] <= T * P, checked by the caller); out [B, S, H, C] (written).
+   Returns 0; -1 where a block id in use is outside [0, NB); -2: out of memory. */
+int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t r, int64_t nb, int64_t p, int64_t t,
+                            const float *ql, const float *qp, const float *kv, const float *pe, const int32_t *table,
+                            const int32_t *lens, float scale, float *out) {
+    int64_t nq = s * h, most = 1;
+    for (int64_t bi = 0; bi < b; bi++) most = lens[bi] > most ? lens[bi] : most;
+    float *sc = malloc((size_t)(QB * most) * sizeof(float));
+    int64_t *row = malloc((size_t)most * sizeof(int64_t)); /* token j's row in the pools */
+    if (!sc || !row) {
+        free(sc); free(row);
+        return -2;
+    }
+    int rc = 0;
+    for (int64_t bi = 0; bi < b && rc == 0; bi++) {
+        int64_t len = lens[bi];
+        for (int64_t j = 0; j < len; j++) {
+            int32_t blk = table[bi * t + j / p];
+            if (blk < 0 || blk >= nb) rc = -1;
+            row[j] = ((int64_t)(blk < 0 || blk >= nb ? 0 : blk)) * p + j % p;
+        }
+        if (rc) break;
+        for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+            int nqb = nq - q0 < QB ? (int)(nq - q0) : QB;
+            const float *qls[QB], *qps[QB];
+            int64_t pos[QB];
+            for (int i = 0; i < QB; i++) {
+                int64_t q = q0 + (i < nqb ? i : nqb - 1);
+                qls[i] = ql + (bi * nq + q) * c;
+                qps[i] = qp + (bi * nq + q) * r;
+                pos[i] = len - s + q / h; /* this query sees keys 0 .. pos */
+            }
+            float m[QB], sum[QB];
+            for (int i = 0; i < QB; i++) m[i] = -INFINITY, sum[i] = 0.0f;
+            for (int64_t j = 0; j < len; j++) {
+                float o[QB];
+                score4(qls, qps, kv + row[j] * c, pe + row[j] * r, c, r, o);
+                for (int i = 0; i < QB; i++) {
+                    float v = j > pos[i] ? -INFINITY : scale * o[i];
+                    sc[i * most + j] = v;
+                    m[i] = v > m[i] ? v : m[i];
+                }
+            }
+            for (int i = 0; i < QB; i++) { /* softmax as torch computes it: exp(x - max) / sum */
+                float *si = sc + i * most;
+                for (int64_t j = 0; j < len; j++) {
+                    si[j] = expf(si[j] - m[i]);
+                    sum[i] += si[j];
+                }
+                for (int64_t j = 0; j < len; j++) si[j] /= sum[i];
+            }
+            for (int64_t cc = 0; cc < c; cc += VW) {
+                int64_t w = c - cc < VW ? c - cc : VW;
+                vf acc[QB] = {{0}};
+                if (w == VW) {
+                    for (int64_t j = 0; j < len; j++) {
+                        vf k = ld(kv + row[j] * c + cc);
+                        for (int i = 0; i < QB; i++) acc[i] += sc[i * most + j] * k;
+                    }
+                } else {
+                    for (int64_t j = 0; j < len; j++)
+                        for (int64_t l = 0; l < w; l++)
+                            for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[row[j] * c + cc + l];
+                }
+                for (int i = 0; i < nqb; i++) memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
+            }
+        }
+    }
+    free(sc); free(row);
+    return rc;
+}
