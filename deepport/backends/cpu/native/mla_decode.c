@@ -78,11 +78,23 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
             }
             for (int i = 0; i < QB; i++) { /* softmax as torch computes it: exp(x - max) / sum */
                 float *si = sc + i * most;
-                for (int64_t j = 0; j < len; j++) {
+                vf acc = {0};
+                int64_t j = 0;
+                for (; j + VW <= len; j += VW) {
+                    vf e = vexp(ld(si + j) - m[i]);
+                    memcpy(si + j, &e, sizeof e);
+                    acc += e;
+                }
+                for (; j < len; j++) {
                     si[j] = expf(si[j] - m[i]);
                     sum[i] += si[j];
                 }
-                for (int64_t j = 0; j < len; j++) si[j] /= sum[i];
+                sum[i] += hsum(acc);
+                for (j = 0; j + VW <= len; j += VW) {
+                    vf q = ld(si + j) / sum[i];
+                    memcpy(si + j, &q, sizeof q);
+                }
+                for (; j < len; j++) si[j] /= sum[i];
             }
             for (int64_t cc = 0; cc < c; cc += VW) {
                 int64_t w = c - cc < VW ? c - cc : VW;

@@ -101,17 +101,27 @@ static row_t row(mat_t m, int64_t e, int64_t n) {
 
 /* One expert for nt (<= TOKENS) tokens: h[t] = silu(w1 x_t) * (w3 x_t), then y_t += wt_t * (w2 h_t). */
 static void expert(mat_t w1, mat_t w3, mat_t w2, int64_t e, const float *const xs[TOKENS], float *const ys[TOKENS],
-                   const float wt[TOKENS], int nt, float *h) {
+                   const float wt[TOKENS], int nt, float *h, float *u) {
     int64_t d = w1.k, inter = w1.n;
     float o[4 * TOKENS];
     for (int64_t i = 0; i < inter; i += 2) {
         int64_t i1 = i + 1 < inter ? i + 1 : i; /* an odd last row is computed twice, written once */
         row_t r[4] = {row(w1, e, i), row(w3, e, i), row(w1, e, i1), row(w3, e, i1)};
         dots(r, 4, xs, nt, d, w1.q, o);
-        for (int t = 0; t < nt; t++) {
-            h[t * inter + i] = silu(o[t]) * o[TOKENS + t];
-            if (i1 != i) h[t * inter + i1] = silu(o[2 * TOKENS + t]) * o[3 * TOKENS + t];
+        for (int t = 0; t < nt; t++) { /* gate values in h, up values in u: SwiGLU below, VW lanes at a time */
+            h[t * inter + i] = o[t];
+            u[t * inter + i] = o[TOKENS + t];
+            if (i1 != i) h[t * inter + i1] = o[2 * TOKENS + t], u[t * inter + i1] = o[3 * TOKENS + t];
         }
+    }
+    for (int t = 0; t < nt; t++) { /* h = silu(gate) * up = gate / (1 + exp(-gate)) * up */
+        float *ht = h + t * inter, *ut = u + t * inter;
+        int64_t i = 0;
+        for (; i + VW <= inter; i += VW) {
+            vf g = ld(ht + i), v = g / (1.0f + vexp(-g)) * ld(ut + i);
+            memcpy(ht + i, &v, sizeof v);
+        }
+        for (; i < inter; i++) ht[i] = silu(ht[i]) * ut[i];
     }
     const float *hs[TOKENS];
     for (int t = 0; t < TOKENS; t++) hs[t] = h + (t < nt ? t : 0) * inter;
@@ -134,7 +144,7 @@ static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const 
     int64_t *start = calloc((size_t)e + 1, sizeof(int64_t));
     int64_t *fill = malloc((size_t)(e > 0 ? e : 1) * sizeof(int64_t));
     int64_t *pair = malloc((size_t)(p > 0 ? p : 1) * sizeof(int64_t));
-    float *h = malloc((size_t)(TOKENS * inter) * sizeof(float));
+    float *h = malloc((size_t)(2 * TOKENS * inter) * sizeof(float)); /* SwiGLU: gate / output, then up */
     int rc = 0;
     if (!start || !fill || !pair || !h) {
         rc = -2;
@@ -158,7 +168,7 @@ static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const 
                 ys[t] = y + (pr / k) * d;
                 wt[t] = wts[pr];
             }
-            expert(w1, w3, w2, j, xs, ys, wt, nt, h);
+            expert(w1, w3, w2, j, xs, ys, wt, nt, h, h + TOKENS * inter);
         }
     }
 done:

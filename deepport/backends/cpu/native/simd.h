@@ -51,6 +51,34 @@ INLINE float e4m3(uint8_t c) {
     return f * 0x1p120f;
 }
 
+/* exp of VW floats (Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts, a degree-6 polynomial,
+   times 2^n; within 2 ulp of libm's expf over [-87, 88]). Below -87 (and -inf, masked scores) it gives 0.
+   AVX2 only; elsewhere libm's expf lane by lane. */
+INLINE vf vexp(vf x) {
+#if defined(__AVX2__)
+    __m256 v = _mm256_min_ps((__m256)x, _mm256_set1_ps(88.0f));
+    __m256 under = _mm256_cmp_ps(v, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    v = _mm256_max_ps(v, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return (vf)_mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+#else
+    vf y;
+    for (int i = 0; i < VW; i++) y[i] = x[i] < -87.0f ? 0.0f : expf(x[i]);
+    return y;
+#endif
+}
+
 INLINE float hsum(vf v) { /* pairwise */
     float s[VW];
     memcpy(s, &v, sizeof s);
