@@ -48,12 +48,14 @@ def cases(tier):
                         ("splits_mtp", [1500, 777], 3, 2, 32, 2, False, None),
                         ("large_scores", [1300, 520], 2, 4, 64, 1, True, None),
                         ("large_scores_fp32in", [900, 1700], 1, 2, 64, 1, True, f32),
+                        ("mtp_fp32in", [3, 20], 2, 4, 16, 2, False, f32),
                         ("single", [37], 1, 4, 16, 1, False, None), ("equal_mtp", [21, 21], 2, 4, 16, 1, False, None)],
               "full": [("ragged", [1000, 37, 513, 2048], 1, 128, 64, 1, False, None),
                        ("mtp", [130, 700], 2, 128, 64, 2, False, None),
                        ("splits", [8192, 3001], 1, 128, 64, 1, False, None),
                        ("large_scores", [4096, 1025], 2, 128, 64, 1, True, None),
                        ("large_scores_fp32in", [2049, 4000], 1, 16, 64, 1, True, f32),
+                       ("mtp_fp32in", [130, 700], 2, 16, 64, 2, False, f32),  # fp32 served MTP verification
                        # batch-1 decode, and a batch whose rows hold equal lengths (no padding to mask)
                        ("single", [3000], 1, 128, 64, 1, False, None),
                        ("equal_mtp", [700, 700], 2, 128, 64, 1, False, None)]}[tier]
