@@ -226,3 +226,25 @@ def test_op_uses_the_c_decode_on_one_thread(monkeypatch):
     torch.set_num_threads(2)  # torch's batched GEMMs split across threads; the kernel does not
     cpu.mla_decode(*case, 0.5)
     assert calls == [2]
+
+
+def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
+    """Built without -march=native (x86-64's baseline: no AVX2), the kernels take their generic vector code, the
+    code an ARM compiler builds; it must give the same values."""
+    monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_arch_flags", lambda cc: ())
+    native._loaded.cache_clear()
+    try:
+        assert native.available() and "-march" not in native.status()
+        x, w, ids, (w1, w2, w3), fp8 = _case(9, 5, 136, 40, 6, 3)
+        want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+        for codes in (None, fp8):
+            got = native.moe_experts(x, w, ids, w1, w2, w3, codes)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        biased = torch.rand(5, 16)
+        assert torch.equal(native.moe_route(biased, 4, 2, 4), cpu._route_on_host(biased, 4, 2, 4))
+        args = _attention_case(3, 2, 2, 5, 33, 7, 4, [3, 9])
+        want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in args), 0.125)
+        torch.testing.assert_close(native.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        native._loaded.cache_clear()
