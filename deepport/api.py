@@ -118,6 +118,11 @@ class Model:
         return [GenerationResult(decode(t), t, dict(gen.stats)) for t in gen.tokens]
 
 
+def _reads_codes(backend, dtype: str) -> bool:
+    """Whether `backend`, serving an FP8 checkpoint as `dtype`, reads the expert codes (Backend.keeps_fp8_codes)."""
+    return backend.keeps_fp8_codes is not None and backend.keeps_fp8_codes(dtype)
+
+
 def _pick_dtype(dtype: str, backend, ckpt_fp8: bool) -> str:
     if dtype != "auto":
         registry.check_dtype(backend, dtype)
@@ -148,9 +153,9 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
         dp_attention_mod.check(layout)
     want_fp8 = dtype in ("fp8", "auto")
     # a backend that reads an FP8 checkpoint's codes (keeps_fp8_codes) gets presets in FP8 too, as DeepSeek-V3 ships
-    keeps_codes = b.keeps_fp8_codes is not None and b.keeps_fp8_codes()
+    fp8_preset = want_fp8 and ("fp8" in b.dtypes or _reads_codes(b, _pick_dtype(dtype, b, ckpt_fp8=True)))
     with distributed.one_rank_at_a_time(layout):  # presets are materialised once per host
-        path = models.resolve(model, fp8=want_fp8 and ("fp8" in b.dtypes or keeps_codes))
+        path = models.resolve(model, fp8=fp8_preset)
     args, cfg = checkpoint.read_config(path)
     dtype = _pick_dtype(dtype, b, ckpt_fp8=args.fp8_block is not None)
     if args.fp8_block is not None and dtype != "fp8" and "fp8" in b.dtypes and b.resolve_fp8_format() is None:
@@ -176,7 +181,7 @@ def load(model=None, *, backend="auto", dtype="auto", fallback="reference", devi
             dp_attention_mod.apply(t, world)
         dev = distributed.device_for(world, dev)
     checkpoint.load_into(t, path, TORCH_DTYPES[dtype], fp8, dev, shard=plan, check_weights=check_weights,
-                         keep_fp8_codes=fp8 is None and keeps_codes)
+                         keep_fp8_codes=fp8 is None and _reads_codes(b, dtype))
     t.inv_freq = t.inv_freq.to(dev)
     t.eval()
     m = Model(t, Tokenizer.from_dir(path), path, dtype, table, world)

@@ -248,3 +248,19 @@ def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
         torch.testing.assert_close(native.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)
     finally:
         native._loaded.cache_clear()
+
+
+def test_an_unwritable_cache_leaves_the_torch_paths_and_says_where(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DEEPPORT_CACHE", str(tmp_path / "file" / "cache"))  # under a file: cannot be created
+    native._loaded.cache_clear()
+    try:
+        assert not native.available()
+        assert "cannot write the build to" in native.status() and "DEEPPORT_CACHE" in native.status()
+    finally:
+        native._loaded.cache_clear()
+
+
+def test_bf16_serving_keeps_no_codes_it_would_not_read():
+    m = deepport.load(backend="cpu", dtype="bf16")
+    assert checkpoint.fp8_codes_of(m.transformer.layers[1].ffn.experts.w1) is None

@@ -28,10 +28,11 @@ def _compute_dtype() -> str:
     return capability.compute_dtype()
 
 
-def _keeps_fp8_codes() -> bool:
+def _keeps_fp8_codes(dtype: str) -> bool:
+    """fp32 only: the C MoE kernel computes in fp32 (bf16 serving keeps no codes it would not read)."""
     from deepport.backends.cpu import native
 
-    return native.available()
+    return dtype == "fp32" and native.available()
 
 
 def _sources() -> dict:

@@ -1,12 +1,14 @@
 """The cpu backend's C kernels: built once per machine with the system C compiler, loaded through ctypes.
 
-A kernel here replaces tens of torch calls by one where the calls cost more than the arithmetic (the embedded
-model's MoE layer: ~45 torch calls for ~1.5 MB of weights at batch 1). The sources (moe_experts.c,
-moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3 -march=native`, well under a second) into
-DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the CPU, so an upgrade or another machine
-rebuilds. No compiler (or DEEPPORT_CPU_NATIVE=0): the torch paths run, a warning says why once a process (not
-for DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's
-Inductor needs the same compiler.
+A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
+model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
+codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls). A ctypes call costs
+~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
+(moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
+-march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
+CPU, so an upgrade or another machine rebuilds. No compiler, an unwritable cache or DEEPPORT_CPU_NATIVE=0: the
+torch paths run, a warning says why once a process (not for DEEPPORT_CPU_NATIVE=0), and `status()` says it in
+the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
 """
 from __future__ import annotations
 
@@ -65,8 +67,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     out_dir = settings.cache_dir() / "native"
     lib = out_dir / f"kernels-{_key(cc, flags)}.so"
     if not lib.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: concurrent builds are safe
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, renamed: concurrent builds are safe
+        except OSError as e:
+            return None, (f"cannot write the build to {out_dir} ({e.strerror}; set DEEPPORT_CACHE to a writable "
+                          f"directory)")
         os.close(fd)
         run = subprocess.run([cc, *flags, "-o", tmp, *(str(_HERE / n) for n in _SOURCES), "-lm"],
                              capture_output=True, text=True)
