@@ -264,3 +264,29 @@ def test_an_unwritable_cache_leaves_the_torch_paths_and_says_where(monkeypatch, 
 def test_bf16_serving_keeps_no_codes_it_would_not_read():
     m = deepport.load(backend="cpu", dtype="bf16")
     assert checkpoint.fp8_codes_of(m.transformer.layers[1].ffn.experts.w1) is None
+
+
+@pytest.mark.parametrize("lead,n,k", [((1,), 512, 640), ((2,), 258, 300), ((3, 5), 130, 136), ((16,), 7, 9)])
+def test_c_linear_reads_the_codes_as_their_values(lead, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    codes, w = _fp8(torch.randn(1, n, k, generator=g) / k ** 0.5)
+    codes = Fp8Weight(codes.weight[0], codes.scale_inv[0])
+    x = torch.randn(*lead, k, generator=g)
+    want = ref.linear(x.double(), w[0].double())
+    torch.testing.assert_close(native.linear_e4m3(x, codes).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_reads_codes_load_kept_for_large_weights_only(monkeypatch):
+    calls = []
+    real = native.linear_e4m3
+    monkeypatch.setattr(native, "linear_e4m3", lambda x, c: calls.append(x.shape[0]) or real(x, c))
+    g = torch.Generator().manual_seed(2)
+    codes, w = _fp8(torch.randn(1, 512, 512, generator=g) / 512 ** 0.5)  # 2^18 weights: the smallest kept
+    w = w[0].clone()
+    checkpoint.attach_fp8_codes(w, Fp8Weight(codes.weight[0], codes.scale_inv[0]))
+    for m in (1, 16, 17):
+        assert cpu.linear(torch.randn(m, 512, generator=g), w).shape == (m, 512)
+    assert calls == [1, 16]  # past 16 tokens MKL's GEMM on the dequantised weight
+    m = deepport.load(backend="cpu")  # the embedded model: every linear under 2^18 weights keeps no codes
+    kept = {n for n, p in m.transformer.named_parameters() if checkpoint.fp8_codes_of(p) is not None}
+    assert kept and all(".experts." in n for n in kept)

@@ -209,9 +209,9 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     dtype)` picks what to read (None: another rank's expert), `shard.place(name, value, scale, spec)`
     trims the read window and renumbers local experts. `check_weights` refuses NaN/inf weights and fp8 scales
     that are not positive and finite (core/weight_checks.py). `keep_fp8_codes` (fp8 weights dequantised to
-    `dtype`): the routed experts' e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of
-    the same values) on each stacked expert weight, see attach_fp8_codes. (Other linear layers were measured:
-    reading their codes in C was slower than MKL on the dequantised weights, docs/performance.md.)
+    `dtype`): their e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of the same
+    values) on the routed experts' stacked weights and on other weights of CODES_MIN_WEIGHTS or more, see
+    attach_fp8_codes.
     """
     path = Path(path)
     args = model.args
@@ -246,10 +246,14 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
         if shard is not None:
             value, value_scale, spec = shard.place(name, value, value_scale, spec)
         _assign(model, spec, value, value_scale, device, stacked, args)
-        if keep_fp8_codes and fp8 is None and shard is None and spec.expert is not None and scale is not None \
-                and t.dtype == torch.float8_e4m3fn:
-            _assign(model, dataclasses.replace(spec, target=spec.target + "#codes"), t, scale.float(), device,
-                    stacked, args, store=False)
+        if keep_fp8_codes and fp8 is None and shard is None and scale is not None and t.dtype == torch.float8_e4m3fn:
+            if spec.expert is None:
+                if t.numel() >= CODES_MIN_WEIGHTS:
+                    mod, attr = _resolve(model, spec.target)
+                    attach_fp8_codes(getattr(mod, attr), Fp8Weight(t.to(device), scale.float().to(device)))
+            else:  # stacked as the experts' weights are, attached once every expert is read
+                _assign(model, dataclasses.replace(spec, target=spec.target + "#codes"), t, scale.float(), device,
+                        stacked, args, store=False)
     missing = [n for n in specs if n not in seen and n not in skipped]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}; "
@@ -261,6 +265,11 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     for key in [k for k in stacked if k.endswith("#codes")]:
         mod, attr = _resolve(model, key.removesuffix("#codes"))
         attach_fp8_codes(getattr(mod, attr), Fp8Weight(stacked[key], stacked[key + "_scale_inv"]))
+
+
+# a weight outside the experts keeps its codes from this size (1 MiB of fp32) up: smaller ones are read faster
+# dequantised (cpu: a C call costs more than the bytes it saves; docs/performance.md, "Eighth session")
+CODES_MIN_WEIGHTS = 1 << 18
 
 
 def attach_fp8_codes(weight: torch.Tensor, codes: Fp8Weight) -> None:

@@ -55,9 +55,9 @@ class Backend:
     traceable: bool = False  # its ops are plain torch code torch.compile can trace: --compile inlines them, so
     #                          Inductor fuses across ops (no opaque deepport:: custom ops; --graphs still wraps)
     keeps_fp8_codes: Callable[[str], bool] | None = None  # (served dtype) -> True: an FP8 checkpoint served in
-    #   that dtype keeps its routed experts' fp8 codes beside the dequantised weights (param.fp8_codes,
-    #   core/checkpoint.py) for kernels that read them instead (cpu's C MoE kernel, fp32: a quarter of the
-    #   bytes); 1 byte per weight more. Such a backend also gets presets materialised in FP8
+    #   that dtype keeps the fp8 codes of its experts and large weights beside the dequantised ones
+    #   (param.fp8_codes, core/checkpoint.py) for kernels that read them instead (cpu's C kernels, fp32: a
+    #   quarter of the bytes); 1 byte per weight more. Such a backend also gets presets materialised in FP8
 
     def evidence_label(self) -> str:
         """How a conformance report labels results: interpreter, stand-in, reference or hardware: <device>."""

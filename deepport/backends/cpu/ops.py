@@ -20,7 +20,7 @@ from deepport.backends.cpu import gemm_layout, native
 from deepport.backends.cpu_ref.ops import weight_dequant  # one torch dequantisation: the spec's is already fast
 from deepport.backends.torch_common import all_reduce, all_to_all, sample
 from deepport.core import preconditions
-from deepport.core.checkpoint import fp8_codes_of
+from deepport.core.checkpoint import CODES_MIN_WEIGHTS, fp8_codes_of
 from deepport.core.errors import ContractError
 from deepport.core.formats import AMAX_FLOOR, Fp8Weight, check_scale_fmt, round_scale_up_pow2
 
@@ -218,7 +218,18 @@ def linear(x, w):
         return _fp8_linear(x, w)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
+    if w.numel() >= CODES_MIN_WEIGHTS and x.numel() <= _NATIVE_MAX_TOKENS * x.shape[-1]:  # load kept codes
+        codes = fp8_codes_of(w)
+        if codes is not None and _native_linear(x):
+            return native.linear_e4m3(x, codes)
     return _gemm(x, w)
+
+
+def _native_linear(x) -> bool:
+    """An FP8 checkpoint's large weight read as its codes in C: fp32 CPU x that needs no grad, outside tracing,
+    on one thread (MKL splits large GEMVs across threads, the kernel does not)."""
+    return (x.dtype == F32 and x.device.type == "cpu" and not x.requires_grad and not torch.compiler.is_compiling()
+            and torch.get_num_threads() == 1 and native.available())
 
 
 def _bottom_right_mask(s, t, device):

@@ -2,7 +2,8 @@
 
 A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
 model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
-codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls). A ctypes call costs
+codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), and linear layers of
+1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes). A ctypes call costs
 ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
 (moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
@@ -85,10 +86,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         dll = ctypes.CDLL(str(lib))
     except OSError as e:
         return None, f"could not load {lib.name}: {e}"
-    for name, pointers in (("deepport_moe_experts_f32", 7), ("deepport_moe_experts_e4m3", 10),
-                           ("deepport_moe_route", 2)):
+    for name, ints, pointers in (("deepport_moe_experts_f32", 5, 7), ("deepport_moe_experts_e4m3", 5, 10),
+                                 ("deepport_moe_route", 5, 2), ("deepport_linear_e4m3", 3, 4)):
         fn = getattr(dll, name)
-        fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * pointers
+        fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
     dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
                                                                                          ctypes.c_void_p]
@@ -186,3 +187,16 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     if rc != 0:
         raise MemoryError(f"mla_decode: the C kernel could not allocate its scores ({b} rows)")
     return out
+
+
+def linear_e4m3(x, codes):
+    """x [..., K] (fp32) times the transpose of the weight `codes` holds (Fp8Weight [N, K], 128x128 blocks):
+    fp32 [..., N], reading the codes. The caller checks eligibility (fp32 CPU x, no grad, not tracing)."""
+    import torch
+
+    k, n = x.shape[-1], codes.weight.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _loaded()[0].deepport_linear_e4m3(x2.shape[0], n, k, x2.data_ptr(), codes.weight.data_ptr(),
+                                      codes.scale_inv.data_ptr(), y.data_ptr())
+    return y.view(*x.shape[:-1], n)

@@ -193,3 +193,25 @@ int deepport_moe_experts_e4m3(int64_t m, int64_t d, int64_t inter, int64_t k, in
     mat_t a = {w1, s1, inter, d, 1}, b = {w3, s3, inter, d, 1}, c = {w2, s2, d, inter, 1};
     return run(m, d, inter, k, e, x, ids, wts, a, b, c, y);
 }
+
+/* y [m, n] = x [m, k] w^T for w given as e4m3fn codes [n, k] with fp32 scales [ceil(n/128), ceil(k/128)]: a
+   linear layer of an FP8 checkpoint read as its codes (a quarter of the fp32 bytes), rows in fours, tokens in
+   blocks of up to TOKENS. Returns 0. */
+int deepport_linear_e4m3(int64_t m, int64_t n, int64_t k, const float *x, const uint8_t *w, const float *s, float *y) {
+    mat_t a = {w, s, n, k, 1};
+    float o[4 * TOKENS];
+    for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
+        int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
+        const float *xs[TOKENS];
+        for (int t = 0; t < TOKENS; t++) xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * k;
+        for (int64_t c = 0; c < n; c += 4) {
+            int nr = n - c < 4 ? (int)(n - c) : 4;
+            row_t r[4];
+            for (int i = 0; i < 4; i++) r[i] = row(a, 0, c + (i < nr ? i : nr - 1));
+            dots(r, nr, xs, nt, k, 1, o);
+            for (int i = 0; i < nr; i++)
+                for (int t = 0; t < nt; t++) y[(t0 + t) * n + c + i] = o[i * TOKENS + t];
+        }
+    }
+    return 0;
+}
