@@ -85,19 +85,20 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return a.numel() * a.element_size() / best
 
 
-def decode_weight_bytes(transformer, batch: int = 1) -> int:
+def decode_weight_bytes(transformer, batch: int = 1, codes: bool = True) -> int:
     """Weight bytes one decode step of the main model reads: everything but the embedding table (one row
     per token) and the MTP modules, with routed experts counted by the expected number touched by `batch`
-    tokens (E * (1 - (1 - k/E)^batch)), as the fp8 codes and scales where load kept them (param.fp8_codes)."""
+    tokens (E * (1 - (1 - k/E)^batch)); codes=True: as the fp8 codes and scales where load kept them for the
+    backend's kernels (param.fp8_codes), else as the dequantised weights (what transformers reads)."""
     a = transformer.args
     total = 0
     for name, p in transformer.named_parameters():
         if name.startswith(("mtp.", "embed.")):
             continue
         nbytes = p.numel() * p.element_size()
-        codes = fp8_codes_of(p)  # kept by a backend that reads them instead (cpu's C MoE kernel in decode)
-        if codes is not None:
-            nbytes = codes.weight.numel() * codes.weight.element_size() + codes.scale_inv.numel() * 4
+        kept = fp8_codes_of(p) if codes else None  # kept by a backend that reads them instead (cpu's C kernels)
+        if kept is not None:
+            nbytes = kept.weight.numel() * kept.weight.element_size() + kept.scale_inv.numel() * 4
         if ".experts." in name:
             nbytes *= 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
         total += nbytes
@@ -129,11 +130,19 @@ def compare(model, prompt: str, batch: int, new_tokens: int, repeats: int, disti
     out["greedy_tokens_equal"] = all(  # every row (a row may end early at eos on deepport's side)
         d == h[:len(d)] for d, h in zip(dp_runs[0]["tokens"], hf_runs[0]["tokens"]))
     out["distinct_rows"] = distinct
-    wbytes = decode_weight_bytes(model.transformer, batch if distinct else 1)  # identical rows: one token's experts
+    # codes kept for the backend's kernels are read by its eager decode of up to 16 rows (cpu's C kernels); a
+    # compiled step and larger batches read the dequantised weights
+    codes = model.step is None and batch <= 16
+    touched = batch if distinct else 1  # identical rows: one token's experts
+    wbytes = decode_weight_bytes(model.transformer, touched, codes=codes)
+    stored = decode_weight_bytes(model.transformer, touched, codes=False)
     bw = read_bandwidth()
+    rate = out["deepport"]["decode_tokens_per_s"]
     out["weight_streaming"] = {"decode_weight_bytes_per_step": wbytes, "read_bandwidth_bytes_per_s": bw,
                                "limit_decode_tokens_per_s": batch * bw / wbytes,
-                               "deepport_fraction_of_limit": out["deepport"]["decode_tokens_per_s"] * wbytes / (batch * bw)}
+                               "deepport_fraction_of_limit": rate * wbytes / (batch * bw),
+                               "dequantised_weight_bytes_per_step": stored,
+                               "deepport_fraction_of_dequantised_limit": rate * stored / (batch * bw)}
     return out
 
 
@@ -151,4 +160,8 @@ def print_comparison(report: dict) -> None:
     print(f"weight streaming{rows}: {w['decode_weight_bytes_per_step'] / 1e6:.1f} MB read per decode step, read bandwidth "
           f"{w['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> limit {w['limit_decode_tokens_per_s']:.1f} tok/s; "
           f"deepport at {w['deepport_fraction_of_limit']:.2f} of it")
+    if w["dequantised_weight_bytes_per_step"] != w["decode_weight_bytes_per_step"]:
+        print(f"  (deepport reads fp8 codes kept for its kernels; the weights as dequantised, which transformers reads, "
+              f"are {w['dequantised_weight_bytes_per_step'] / 1e6:.1f} MB a step: deepport at "
+              f"{w['deepport_fraction_of_dequantised_limit']:.2f} of that limit)")
     print(f"greedy tokens equal: {c['greedy_tokens_equal']}")

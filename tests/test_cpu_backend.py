@@ -359,9 +359,13 @@ def test_decode_weight_bytes_counts_expected_experts():
     assert sum(fp8_codes_of(p) is not None for p in m.transformer.parameters()) > 0
     experts = sum(v for n, v in params.items() if ".experts." in n and not n.startswith("mtp."))
     other = sum(v for n, v in params.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
+    stored = {n: p.numel() * p.element_size() for n, p in m.transformer.named_parameters()}
+    experts_stored = sum(v for n, v in stored.items() if ".experts." in n and not n.startswith("mtp."))
     for batch in (1, 8):
         frac = 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
         assert bench_compare.decode_weight_bytes(m.transformer, batch) == pytest.approx(other + experts * frac, rel=1e-6)
+        assert bench_compare.decode_weight_bytes(m.transformer, batch, codes=False) == pytest.approx(
+            other + experts_stored * frac, rel=1e-6)  # the dequantised weights, as transformers reads them
 
 
 @pytest.mark.slow
@@ -514,6 +518,7 @@ def test_bench_compare_warm_up_runs_the_shapes_the_timed_runs_run(monkeypatch):
     class Fake:
         path = "model"
         transformer = None
+        step = None
 
         def encode(self, prompt):
             return [5, 6, 7]
@@ -530,7 +535,7 @@ def test_bench_compare_warm_up_runs_the_shapes_the_timed_runs_run(monkeypatch):
     monkeypatch.setattr(bench_compare, "load_transformers", lambda path: object())
     monkeypatch.setattr(bench_compare, "hf_generate", hf_generate)
     monkeypatch.setattr(bench_compare, "read_bandwidth", lambda: 1e10)
-    monkeypatch.setattr(bench_compare, "decode_weight_bytes", lambda t, batch: 1e6)
+    monkeypatch.setattr(bench_compare, "decode_weight_bytes", lambda t, batch, codes: 1e6)
     out = bench_compare.compare(Fake(), "def f():", 2, 24, repeats=2)
     assert dp_calls == [24, 24, 24] and hf_calls == [24, 24, 24]
     assert out["decode_ratio"] == 1.0 and out["greedy_tokens_equal"] is True
