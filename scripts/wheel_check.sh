@@ -56,7 +56,8 @@ pkg = Path(deepport.__file__).resolve().parent
 assert site in pkg.parents, f"deepport imported from {pkg}, not from the wheel in {site}"
 assert root not in pkg.parents, f"deepport imported from the checkout {pkg}"
 for rel in ("backends/cuda/tuning.json", "backends/rocm/tuning.json", "backends/cpu_ref/conformance.toml",
-            "models/tiny/fp8/model.safetensors", "docs/robustness.md"):
+            "models/tiny/fp8/model.safetensors", "docs/robustness.md", "backends/cpu/native/moe_experts.c",
+            "backends/cpu/native/simd.h"):
     assert (pkg / rel).is_file(), f"the wheel lacks deepport/{rel}"
 assert Path(docs_dir()) == pkg / "docs", docs_dir()
 print(f"deepport {deepport.__version__} from {pkg}")
@@ -65,6 +66,11 @@ grep -q "deepport $("$WORK/venv/bin/python" -c 'import deepport; print(deepport.
 
 step "deepport backends"
 "$DP" backends
+step "cpu's C kernels: built from the wheel's sources"
+"$WORK/venv/bin/python" -c '
+from deepport.backends.cpu import native
+assert native.available(), native.status()
+print(native.status())'
 step "deepport generate (embedded model)"
 "$DP" generate --max-new-tokens 8
 step "conformance quick tier: cpu_ref"
