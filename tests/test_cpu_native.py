@@ -1,5 +1,8 @@
 """The cpu backend's C MoE kernel (deepport/backends/cpu/native): its values against cpu_ref on seeded inputs, fp32
 and read from fp8 codes; when the op uses it; the fp8 codes load keeps; and what happens without a compiler."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,13 +16,8 @@ from deepport.core.formats import Fp8Weight, dequantize_weight, fp8_format, quan
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C kernel not built here: {native.status()}")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cpu_backend import one_thread  # noqa: E402,F401  (autouse: one torch thread, as the kernels' rules assume)
 
 
 def _fp8(w):

@@ -117,14 +117,22 @@ def available() -> bool:
     return _loaded()[0] is not None
 
 
+def _check(rc: int, bad_input: str, buffers: str) -> None:
+    """A kernel's return code: 0 fine, -1 bad input (ContractError: bad_input), -2 out of memory."""
+    from deepport.core.errors import ContractError
+
+    if rc == -1:
+        raise ContractError(bad_input)
+    if rc != 0:
+        raise MemoryError(f"the C kernel could not allocate {buffers}")
+
+
 def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
     """The routed experts through the C kernel: fp32 [M, D]. w1, w2, w3: fp32 [E, I, D], [E, D, I], [E, I, D];
     codes: None, or (w1, w2, w3) as Fp8Weight (e4m3fn codes, 128x128 blocks) holding the same values, which the
     kernel then reads instead (a quarter of the bytes). The caller checks eligibility (fp32 tensors on the CPU,
     contiguous weights, nothing that needs grad, not tracing) and that the kernel is available."""
     import torch
-
-    from deepport.core.errors import ContractError
 
     m, d = x.shape
     e, inter, _ = w1.shape
@@ -141,11 +149,8 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
         rc = lib.deepport_moe_experts_e4m3(*head, c1.weight.data_ptr(), c1.scale_inv.data_ptr(), c3.weight.data_ptr(),
                                            c3.scale_inv.data_ptr(), c2.weight.data_ptr(), c2.scale_inv.data_ptr(),
                                            y.data_ptr())
-    if rc == -1:
-        raise ContractError(f"moe_experts: topk_ids holds an expert id >= {e} (the number of experts); ids must be "
-                            f"in [0, {e}) or negative (no expert)")
-    if rc != 0:
-        raise MemoryError(f"moe_experts: the C kernel could not allocate its buffers ({m} tokens, {e} experts)")
+    _check(rc, f"moe_experts: topk_ids holds an expert id >= {e} (the number of experts); ids must be in [0, {e}) "
+               f"or negative (no expert)", f"moe_experts: its buffers ({m} tokens, {e} experts)")
     return y
 
 
@@ -169,8 +174,6 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     lengths (S <= L <= blocks * P, core/preconditions.py) and eligibility (fp32 CPU tensors, no grad, not tracing)."""
     import torch
 
-    from deepport.core.errors import ContractError
-
     b, s, h, c = q_latent.shape
     nb, p, _ = kv_cache.shape
     ql, qp = q_latent.contiguous(), q_pe.contiguous()
@@ -181,11 +184,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     rc = _loaded()[0].deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
                                              qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
                                              table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
-    if rc == -1:
-        raise ContractError(f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; "
-                            f"the cache's block table is corrupt")
-    if rc != 0:
-        raise MemoryError(f"mla_decode: the C kernel could not allocate its scores ({b} rows)")
+    _check(rc, f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; the cache's "
+               f"block table is corrupt", f"mla_decode: its scores ({b} rows)")
     return out
 
 
