@@ -1,5 +1,6 @@
-"""The cpu backend's C MoE kernel (deepport/backends/cpu/native): its values against cpu_ref on seeded inputs, fp32
-and read from fp8 codes; when the op uses it; the fp8 codes load keeps; and what happens without a compiler."""
+"""The cpu backend's C kernels (deepport/backends/cpu/native: MoE experts, expert selection, MLA decode, linear by
+fp8 codes): their values against cpu_ref on seeded inputs, fp32 and read from fp8 codes; when the ops use them;
+the fp8 codes load keeps; the portable build; and what happens without a compiler or a writable cache."""
 import sys
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(mon
     native._loaded.cache_clear()
     try:
         assert not native.available() and "no C compiler" in native.status()
-        assert "C MoE kernel is not in use: no C compiler found" in capsys.readouterr().err
+        assert "C kernels are not in use: no C compiler found" in capsys.readouterr().err
         x, w, ids, (w1, w2, w3), _ = _case(3, 4, 64, 32, 8, 2)
         want = ref.moe_experts(x, w, ids, w1, w2, w3)
         torch.testing.assert_close(cpu.moe_experts(x, w, ids, w1, w2, w3), want, rtol=1e-5, atol=1e-5)
@@ -114,7 +115,7 @@ def test_without_a_compiler_the_torch_strategies_run_and_the_sources_say_why(mon
         monkeypatch.setenv("DEEPPORT_CPU_NATIVE", "0")
         native._loaded.cache_clear()
         assert native.status() == "off (DEEPPORT_CPU_NATIVE=0)"
-        assert "C MoE kernel" not in capsys.readouterr().err
+        assert "C kernels" not in capsys.readouterr().err
     finally:
         native._loaded.cache_clear()
 

@@ -29,7 +29,7 @@ def _compute_dtype() -> str:
 
 
 def _keeps_fp8_codes(dtype: str) -> bool:
-    """fp32 only: the C MoE kernel computes in fp32 (bf16 serving keeps no codes it would not read)."""
+    """fp32 only: the C kernels compute in fp32 (bf16 serving keeps no codes it would not read)."""
     from deepport.backends.cpu import native
 
     return dtype == "fp32" and native.available()
@@ -40,13 +40,13 @@ def _sources() -> dict:
 
     return {"rms_norm": "torch layer_norm on [x ; -x] (fp32; + fused residual add)", "rope": "torch complex product (in reals under torch.compile)",
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
-            "linear": "torch F.linear (fp8: act_quant + fp8_gemm)",
+            "linear": "torch F.linear (fp8: act_quant + fp8_gemm); FP8 checkpoints' weights of 2^18+: C on their codes",
             "mla_prefill": "torch scaled_dot_product_attention",
-            "mla_decode": "torch batched gather + bmm over the paged latent cache",
+            "mla_decode": "one thread: one C call over the paged latent cache; else torch batched gather + bmm",
             "moe_gate": "torch scores; expert selection up to 16 tokens in one C call (else torch topk)",
             "moe_experts": f"up to 16 tokens: one C call a layer, reading FP8 checkpoints' expert codes (native: "
-                           f"{native.status()}); else torch: per-token expert loop (M <= 2) / sorted groups; compiling: "
-                           f"gathered pairs or those as one opaque op",
+                           f"{native.status()}); else torch: per-token expert loop (M <= 2) / sorted groups; "
+                           f"compiling: gathered pairs or those as one opaque op",
             "silu_mul": "torch", "sample": "torch", "all_reduce": "torch.distributed (gloo)",
             "all_to_all": "torch.distributed (gloo)"}
 
@@ -67,6 +67,6 @@ BACKEND = Backend(
     evidence=_evidence,
     sources=_sources,
     compute_dtype=_compute_dtype,
-    keeps_fp8_codes=_keeps_fp8_codes,  # the C MoE kernel reads an FP8 checkpoint's expert codes (native/)
+    keeps_fp8_codes=_keeps_fp8_codes,  # the C kernels read an FP8 checkpoint's codes (native/)
     traceable=True,  # --compile traces these torch ops into one Inductor graph (docs/compile.md, measured 1.7-2.1x)
 )

@@ -3,8 +3,8 @@
 A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
 model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
 codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), and linear layers of
-1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes). A ctypes call costs
-~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
+1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes). A ctypes call
+costs ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
 (moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
 CPU, so an upgrade or another machine rebuilds. No compiler, an unwritable cache or DEEPPORT_CPU_NATIVE=0: the
@@ -103,8 +103,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str]:
     if lib is None and settings.cpu_native():  # said once a process; DEEPPORT_CPU_NATIVE=0 was the user's choice
         from deepport.core import registry
 
-        registry.warn(f"cpu backend: the C MoE kernel is not in use: {how}; the torch paths run instead (slower "
-                      f"decode on small models; DEEPPORT_CPU_NATIVE=0 silences this)")
+        registry.warn(f"cpu backend: its C kernels are not in use: {how}; the torch paths run instead (slower "
+                      f"decode; DEEPPORT_CPU_NATIVE=0 silences this)")
     return lib, how
 
 

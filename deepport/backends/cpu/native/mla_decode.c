@@ -109,7 +109,8 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
                         for (int64_t l = 0; l < w; l++)
                             for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[row[j] * c + cc + l];
                 }
-                for (int i = 0; i < nqb; i++) memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
+                for (int i = 0; i < nqb; i++)
+                    memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
             }
         }
     }
