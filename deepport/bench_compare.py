@@ -130,9 +130,11 @@ def compare(model, prompt: str, batch: int, new_tokens: int, repeats: int, disti
     out["greedy_tokens_equal"] = all(  # every row (a row may end early at eos on deepport's side)
         d == h[:len(d)] for d, h in zip(dp_runs[0]["tokens"], hf_runs[0]["tokens"]))
     out["distinct_rows"] = distinct
-    # codes kept for the backend's kernels are read by its eager decode of up to 16 rows (cpu's C kernels); a
-    # compiled step and larger batches read the dequantised weights
-    codes = model.step is None and batch <= 16
+    # codes kept for the backend's kernels (only cpu keeps them) are read by its eager decode of up to MAX_TOKENS
+    # rows; a compiled step and larger batches read the dequantised weights
+    from deepport.backends.cpu.native import MAX_TOKENS
+
+    codes = model.step is None and batch <= MAX_TOKENS
     touched = batch if distinct else 1  # identical rows: one token's experts
     wbytes = decode_weight_bytes(model.transformer, touched, codes=codes)
     stored = decode_weight_bytes(model.transformer, touched, codes=False)

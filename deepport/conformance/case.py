@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from deepport.core.formats import Fp8Format, Fp8Weight, quantize_weight
+from deepport.core.checkpoint import attach_fp8_codes, fp8_codes_of
+from deepport.core.formats import Fp8Format, Fp8Weight, dequantize_weight, quantize_weight
 from deepport.core.formats import fp8_format as lookup_format
 
 TIERS = ("quick", "full")
@@ -59,7 +60,11 @@ def case_seed(name: str) -> int:
 def to_device(value, device):
     """Move a case argument (tensor, Fp8Weight, list/tuple of them) to `device`; copies, so ops may write in place."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, copy=True)
+        out = value.to(device, copy=True)
+        codes = fp8_codes_of(value)  # an FP8 checkpoint's weight served dequantised keeps its codes (served_fp8_weight)
+        if codes is not None:
+            attach_fp8_codes(out, to_device(codes, device))
+        return out
     if isinstance(value, Fp8Weight):
         return Fp8Weight(to_device(value.weight, device), to_device(value.scale_inv, device), value.block,
                          value.scale_fmt)
@@ -100,6 +105,16 @@ def fp8_weight(g: torch.Generator, *shape, fmt: Fp8Format, std: float = 1.0, sca
                          scale_fmt=scale_fmt)
     codes, scale = quantize_weight(torch.randn(*shape, generator=g) * std, fmt, scale_fmt=scale_fmt)
     return Fp8Weight(codes, scale, scale_fmt=scale_fmt)
+
+
+def served_fp8_weight(g: torch.Generator, *shape, std: float = 1.0) -> torch.Tensor:
+    """An FP8 checkpoint's weight as a backend serving it in fp32 holds it: the e4m3fn block-quantised weight
+    dequantised to fp32, its codes attached as load_into(keep_fp8_codes=True) attaches them (a backend may read
+    them instead; cpu_ref reads the fp32 values)."""
+    codes = fp8_weight(g, *shape, fmt=lookup_format("e4m3fn"), std=std)
+    w = dequantize_weight(codes.weight, codes.scale_inv, codes.block, torch.float32)
+    attach_fp8_codes(w, codes)
+    return w
 
 
 def fp8_activation(g: torch.Generator, m: int, k: int, fmt: Fp8Format, std: float = 1.0):

@@ -320,9 +320,7 @@ def _assign(model, spec: Spec, value, scale, device, stacked, args, store: bool 
         mod, attr = _resolve(model, spec.target.partition("#")[0])
         n = getattr(mod, attr).shape[0]
         for key, v in ((spec.target, value), (spec.target + "_scale_inv", scale)):
-            if key not in stacked:
-                stacked[key] = torch.empty((n, *v.shape), dtype=v.dtype, device=device)
-            stacked[key][spec.expert] = v.to(device)
+            _stack_row(stacked, key, n, spec.expert, v, device)
         return
     mod, attr = _resolve(model, spec.target)
     if spec.expert is None:
@@ -336,9 +334,18 @@ def _assign(model, spec: Spec, value, scale, device, stacked, args, store: bool 
             continue
         key = spec.target + suffix
         if key not in stacked:
-            stacked[key] = torch.empty((n, *v.shape), dtype=v.dtype, device=device)
-            setattr(mod, attr + suffix, torch.nn.Parameter(stacked[key], requires_grad=False))
-        stacked[key][spec.expert] = v.to(device)
+            setattr(mod, attr + suffix, torch.nn.Parameter(_stack_row(stacked, key, n, None, v, device),
+                                                          requires_grad=False))
+        _stack_row(stacked, key, n, spec.expert, v, device)
+
+
+def _stack_row(stacked, key: str, n: int, row: int | None, v: torch.Tensor, device) -> torch.Tensor:
+    """stacked[key] ([n, *v.shape], made on first use) with v written into `row` (None: nothing written)."""
+    if key not in stacked:
+        stacked[key] = torch.empty((n, *v.shape), dtype=v.dtype, device=device)
+    if row is not None:
+        stacked[key][row] = v.to(device)
+    return stacked[key]
 
 
 def save(tensors: dict[str, torch.Tensor], config: dict, out: str | Path, max_shard_bytes: int = 2 << 30,

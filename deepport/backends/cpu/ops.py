@@ -218,7 +218,8 @@ def linear(x, w):
         return _fp8_linear(x, w)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
-    if w.numel() >= CODES_MIN_WEIGHTS and x.numel() <= _NATIVE_MAX_TOKENS * x.shape[-1]:  # load kept codes
+    if w.numel() >= CODES_MIN_WEIGHTS and x.numel() <= _NATIVE_MAX_TOKENS * x.shape[-1] \
+            and x.shape[-1] == w.shape[-1]:  # load kept codes (a K mismatch goes on to torch's shape error)
         codes = fp8_codes_of(w)
         if codes is not None and _native_linear(x):
             return native.linear_e4m3(x, codes)
@@ -430,7 +431,7 @@ _PAIR_MAX = 64
 _HOST_EXPERT_BYTES = 1 << 20
 _PER_TOKEN_MAX = 2  # M <= this: the per-token expert loop (batch-1 decode, MTP verification: measured, see docs)
 _NATIVE_EXPERT_BYTES = 1 << 20
-_NATIVE_MAX_TOKENS = 16  # past it the sorted GEMMs win (embedded shapes: 24 tokens 505 vs 480-565 us, 64: 721 vs 1140)
+_NATIVE_MAX_TOKENS = native.MAX_TOKENS  # past it the torch strategies win (measured, see native/__init__.py)
 
 
 def _use_native(x, w1, w2, w3, fp8: bool) -> bool:

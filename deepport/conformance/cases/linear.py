@@ -1,12 +1,14 @@
 """linear cases: bf16 matmul and the W8A8 composite (act_quant + fp8_gemm) on an Fp8Weight."""
 import torch
 
-from deepport.conformance.case import case, fp8_weight, randn, tie_rows
+from deepport.conformance.case import case, fp8_weight, randn, served_fp8_weight, tie_rows
 
 
-def _build(lead, n, k, fp8, scale_fmt="fp32", ties=False, dtype=torch.bfloat16):
+def _build(lead, n, k, fp8, scale_fmt="fp32", ties=False, dtype=torch.bfloat16, served=False):
     def build(g, fmt):
         x = tie_rows(g, lead[0], k, fmt, every=16) if ties else randn(g, *lead, k, dtype=dtype)
+        if served:  # an FP8 checkpoint served in fp32: the dequantised weight carrying its codes
+            return {"x": x, "w": served_fp8_weight(g, n, k, std=k ** -0.5)}
         w = fp8_weight(g, n, k, fmt=fmt, std=k ** -0.5, scale_fmt=scale_fmt) if fp8 else \
             randn(g, n, k, std=k ** -0.5, dtype=dtype)
         return {"x": x, "w": w}
@@ -30,6 +32,13 @@ def cases(tier):
     for v, lead, n, k in fp32in:
         out.append(case("linear", f"{v}_fp32in", "bf16", tier, _build(lead, n, k, False, dtype=torch.float32),
                         reduction=k, note="fp32 inputs", out_dtype="fp32"))
+    # an FP8 checkpoint served in fp32, codes attached (cpu reads them for weights of 2^18+ and up to 16 rows)
+    served = {"quick": [("decode_1", (1,), 512, 512), ("tokens", (2, 3), 520, 520)],
+              "full": [("wq_a_decode_1", (1,), 1536, 7168), ("wq_a", (2, 4), 1536, 7168)]}[tier]
+    for v, lead, n, k in served:
+        out.append(case("linear", f"{v}_fp8served", "bf16", tier,
+                        _build(lead, n, k, False, dtype=torch.float32, served=True), reduction=k,
+                        note="FP8 checkpoint served as fp32 (codes attached)", out_dtype="fp32"))
     v, lead, n, k = shapes[-1]  # DeepSeek-V3.1 (scale_fmt ue8m0): power-of-two weight and activation scales
     out.append(case("linear", f"ue8m0_{v}", "fp8", tier, _build(lead, n, k, True, "ue8m0"), reduction=k,
                     note="scale_fmt ue8m0: act_quant rounds activation scales up to powers of two"))

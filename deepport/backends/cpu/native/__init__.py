@@ -25,6 +25,10 @@ from pathlib import Path
 
 from deepport.core import settings
 
+# rows (tokens) up to which the cpu ops call these kernels: past it the sorted GEMMs win (embedded expert shapes:
+# 24 tokens 505 vs 480-565 us, 64: 721 vs 1140; docs/performance.md "Eighth session")
+MAX_TOKENS = 16
+
 _HERE = Path(__file__).parent
 _SOURCES = ("moe_experts.c", "moe_route.c", "mla_decode.c")  # with simd.h: one library
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
