@@ -274,8 +274,10 @@ CODES_MIN_WEIGHTS = 1 << 18
 
 def attach_fp8_codes(weight: torch.Tensor, codes: Fp8Weight) -> None:
     """Keep `codes` (the fp8 form of `weight`'s values) on `weight` for kernels that read fp8 codes; fp8_codes_of
-    returns them only while `weight` has not been changed in place since."""
-    weight.fp8_codes = (codes, weight._version)
+    returns them only while `weight` has not been changed in place since. An inference tensor (made under
+    torch.inference_mode) tracks no changes, so it keeps none: its readers use its own values."""
+    if not weight.is_inference():
+        weight.fp8_codes = (codes, weight._version)
 
 
 def fp8_codes_of(weight) -> Fp8Weight | None:
