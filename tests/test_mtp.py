@@ -42,8 +42,8 @@ class OracleMTP:
         self.t, self.real, self.rows = t, t.mtp_forward, set(rows)
         self.history = {r: [p[0]] for r, p in enumerate(prompts)}
 
-    def __call__(self, hidden, next_ids, cache=None, rows=None, depth=0):
-        u = self.real(hidden, next_ids, cache, rows, depth)
+    def __call__(self, hidden, next_ids, cache=None, rows=None, depth=0, last_only=False):
+        u = self.real(hidden, next_ids, cache, rows, depth, last_only)
         for i, r in enumerate(rows):
             self.history[r] += next_ids[i].tolist()
             if r in self.rows:
@@ -66,6 +66,52 @@ def test_greedy_speculative_equals_plain(model):
     assert spec.tokens == plain.tokens
     assert spec.stats["accepted"] > 0 and spec.stats["acceptance_rate"] < 1.0
     assert spec.stats["tokens_per_forward"] > 1.3  # rows 0 and 2 commit two tokens per forward
+
+
+@pytest.mark.parametrize("backend", ["cpu_ref", "cpu"])
+def test_mtp_last_only_drafts_the_last_position_and_caches_every_one(backend):
+    """last_only (drafting): the last position's MTP hidden state as the full forward gives it, and the MTP
+    cache holds every position's entry as the full forward leaves it (only the feed-forward of the others is
+    skipped; their attention entries are what later drafts read)."""
+    t = deepport.load("tiny", backend=backend, dtype="fp32").transformer
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 1024, (2, 9), generator=g)
+    with torch.inference_mode():
+        h = t(ids[:, :-1])
+        caches = []
+        for last_only in (False, True):
+            c = t.new_cache(2, 32, mtp=True)
+            t.mtp_forward(h[:, :5], ids[:, 1:6], c)  # a prefix first: the S=3 call below is a decode-shaped one
+            u = t.mtp_forward(h[:, 5:], ids[:, 6:], c, last_only=last_only)
+            caches.append((u, c))
+    (full, c_full), (last, c_last) = caches
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    for r in range(2):
+        assert c_last.lens[r] == c_full.lens[r] == 8
+        for a, b in zip(c_last.contents(0, r), c_full.contents(0, r)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_decode_contexts_at_the_same_positions_share_rope_tables():
+    """An MTP draft runs at the positions its verification just ran at: the second context reuses the first's
+    cos/sin; other positions (or another S) get their own, equal to freshly computed tables."""
+    t = deepport.load("tiny", backend="cpu", dtype="fp32").transformer
+    main, mtp = t.new_cache(1, 64), t.new_cache(1, 64, mtp=True)
+    for c in (main, mtp):
+        c.reserve([0], 7)
+        c.advance([0], 7)
+    a = t._context(1, 2, main, [0], "cpu")
+    b = t._context(1, 2, mtp, [0], "cpu")
+    assert b.cos is a.cos and b.sin is a.sin
+    main.advance([0], 2)
+    c = t._context(1, 2, main, [0], "cpu")
+    d = t._context(1, 1, mtp, [0], "cpu")
+    assert c.cos is not a.cos and d.cos is not a.cos
+    for ctx, first, s in ((c, 9, 2), (d, 7, 1)):
+        cos, sin = t.rope_tables(torch.arange(first, first + s).unsqueeze(0))
+        torch.testing.assert_close(ctx.cos, cos, rtol=0, atol=0)
+        torch.testing.assert_close(ctx.sin, sin, rtol=0, atol=0)
 
 
 def test_rollback_leaves_cache_as_if_never_drafted(model):

@@ -87,7 +87,11 @@ class PagedLatentCache:
         for r in rows:
             self.lens[r] += n_new
         if rows:
-            self.seq_lens[self.index(rows)] += n_new
+            idx = self.index(rows)
+            if isinstance(idx, slice):  # a view: one in-place add (`+=` on an index also writes the view back)
+                self.seq_lens[idx].add_(n_new)
+            else:
+                self.seq_lens[idx] += n_new
 
     def reset(self) -> None:
         """Empty every sequence (blocks back to the pool), keeping the tensors: a captured step stays valid."""

@@ -241,12 +241,16 @@ class Block(nn.Module):
         moe = layer_id >= args.n_dense_layers if moe is None else moe
         self.ffn = MoE(ops, args, dtype, fp8, device) if moe else MLP(ops, args.dim, args.inter_dim, dtype, fp8, device)
 
-    def forward(self, h, residual, ctx: AttnContext):
+    def forward(self, h, residual, ctx: AttnContext, last_only: bool = False):
+        """last_only: every position is attended and cached, but only the last goes on through the feed-forward
+        (MTP drafting reads the last position's output; the others are needed only for their cache entries)."""
         if residual is None:
             residual, x = h, self.attn_norm(h)
         else:
             x, residual = self.attn_norm(h, residual)
         h = self.attn(x, ctx)
+        if last_only and h.shape[1] > 1:
+            h, residual = h[:, -1:], residual[:, -1:]
         x, residual = self.ffn_norm(h, residual)
         return self.ffn(x), residual
 
@@ -291,12 +295,21 @@ class Transformer(nn.Module):
         return torch.cos(angles) * factor, torch.sin(angles) * factor
 
     def cache_context(self, cache: PagedLatentCache, start: torch.Tensor, block_table: torch.Tensor, s: int,
-                      rows: list | None = None) -> AttnContext:
+                      rows: list | None = None, starts: tuple | None = None) -> AttnContext:
         """Decode metadata computed on the device from the cache's tensors (no host sync, static shapes):
-        start [B] tokens already cached, block_table [B, max_blocks]; S new tokens per row."""
+        start [B] tokens already cached, block_table [B, max_blocks]; S new tokens per row. starts: the same
+        lengths as host ints where the caller has them: the rope tables of the last such positions are reused
+        (an MTP draft runs at the positions its verification just ran at)."""
         page = cache.block_size
         pos = start.long().unsqueeze(1) + torch.arange(s, device=start.device)  # [B, S]
-        cos, sin = self.rope_tables(pos)
+        key = (starts, s, pos.device)
+        memo = self.__dict__.get("_rope_memo")
+        if starts is not None and memo is not None and memo[0] == key and not torch.compiler.is_compiling():
+            cos, sin = memo[1], memo[2]
+        else:
+            cos, sin = self.rope_tables(pos)
+            if starts is not None and not torch.compiler.is_compiling():
+                self._rope_memo = (key, cos, sin)
         slots = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
         return AttnContext(cos, sin, cache, rows, slots, block_table, (start + s).to(torch.int32), fresh=False)
 
@@ -307,11 +320,11 @@ class Transformer(nn.Module):
         rows = list(range(cache.batch)) if rows is None else list(rows)
         if len(rows) != b:
             raise ValueError(f"{len(rows)} cache rows given for a batch of {b}")
-        fresh = all(cache.lens[r] == 0 for r in rows)  # host mirror: no sync
+        starts = tuple(cache.lens[r] for r in rows)  # host mirror: no sync
         cache.reserve(rows, s)
         idx = cache.index(rows)
-        ctx = self.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows)
-        ctx.fresh = fresh
+        ctx = self.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows, starts)
+        ctx.fresh = not any(starts)
         return ctx
 
     def hidden(self, h, ctx: AttnContext):
@@ -355,14 +368,15 @@ class Transformer(nn.Module):
         return self.head(hidden).float()
 
     def mtp_forward(self, hidden, next_ids, cache: PagedLatentCache | None = None, rows: list | None = None,
-                    depth: int = 0):
-        """MTP hidden [B, S, D] predicting t_{i+2} from main hidden h_i (post-norm) and the token t_{i+1}."""
+                    depth: int = 0, last_only: bool = False):
+        """MTP hidden [B, S, D] predicting t_{i+2} from main hidden h_i (post-norm) and the token t_{i+1}.
+        last_only: [B, 1, D] for the last position alone (drafting); every position still enters the cache."""
         m = self.mtp[depth]
         b, s = next_ids.shape
         e = self.embed_tokens(next_ids)
         u = m.eh_proj(torch.cat((m.enorm(e), m.hnorm(hidden)), dim=-1))  # embedding half first
         ctx = self._context(b, s, cache, rows, u.device)
-        u, residual = m.block(u, None, ctx)
+        u, residual = m.block(u, None, ctx, last_only)
         if cache is not None:
             cache.advance(ctx.rows, s)
         return m.norm(u, residual)[0]

@@ -120,7 +120,7 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
         commit(r, tok)
         last[r] = tok
         nxt = torch.tensor([p[1:] + [tok]], device=device)
-        u = model.mtp_forward(h, nxt, mtp_cache, rows=[r])
+        u = model.mtp_forward(h, nxt, mtp_cache, rows=[r], last_only=True)
         d, qq = drafter(model.logits(u[:, -1]))
         draft[r], q[r] = d[0], qq[0]
     _sync(device)
@@ -146,8 +146,10 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
             logits = model.logits(h)  # [A, 2, V]
         forwards += 1
         drafted += len(active)
+        picked = None  # greedy: the tokens as a device tensor [A, 2], the MTP forward's next ids as they are
         if temperature <= 0:  # both positions in one sampler call: one finite check, one argmax, one read-back
-            pairs = sampler(logits.flatten(0, 1)).view(-1, 2).tolist()
+            picked = sampler(logits.flatten(0, 1)).view(-1, 2)
+            pairs = picked.tolist()
             first, second = [p[0] for p in pairs], [p[1] for p in pairs]
             ok = [first[i] == draft[r] for i, r in enumerate(active)]
         else:
@@ -177,12 +179,16 @@ def generate_mtp(model, prompts: list[list[int]], max_new_tokens: int, temperatu
             if not idx:
                 continue
             rows = [active[i] for i in idx]
+            every = len(idx) == len(active)  # (batch 1 always): no gather of h, the sampled ids reused
+            hg = h if every else h[idx]
             if good:
-                nxt = torch.tensor([[first[i], second[i]] for i in idx], device=device)
-                u = model.mtp_forward(h[idx], nxt, mtp_cache, rows=rows)
+                nxt = picked if every and picked is not None else torch.tensor([[first[i], second[i]] for i in idx],
+                                                                                device=device)
+                u = model.mtp_forward(hg, nxt, mtp_cache, rows=rows, last_only=True)
             else:
-                nxt = torch.tensor([[first[i]] for i in idx], device=device)
-                u = model.mtp_forward(h[idx, :1], nxt, mtp_cache, rows=rows)
+                nxt = picked[:, :1] if every and picked is not None else torch.tensor([[first[i]] for i in idx],
+                                                                                      device=device)
+                u = model.mtp_forward(hg[:, :1], nxt, mtp_cache, rows=rows)
             d, qq = drafter(model.logits(u[:, -1]))
             for j, r in enumerate(rows):
                 draft[r], q[r] = d[j], qq[j]
