@@ -66,11 +66,12 @@ def test_op_uses_the_kernel_up_to_16_tokens_and_the_torch_strategies_past_it(mon
         x, w, ids, (w1, w2, w3), _ = _case(m, m, 64, 32, 8, 2)
         cpu.moe_experts(x, w, ids, w1, w2, w3)
     assert calls == [1, 16]
-    big = torch.zeros(2, 1024, 512)  # 6 MiB an expert: C for fp8 codes or <= 2 tokens, on one thread
-    assert cpu._use_native(torch.zeros(8, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True)
+    big = torch.zeros(2, 1024, 512)  # 6 MiB an expert: C for fp8 codes or <= 2 tokens, on one thread or in a
+    assert cpu._use_native(torch.zeros(8, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True)  # parallel build
     assert not cpu._use_native(torch.zeros(8, 512), big, big.transpose(1, 2).contiguous(), big, fp8=False)
     torch.set_num_threads(2)
-    assert not cpu._use_native(torch.zeros(1, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True)
+    assert cpu._use_native(torch.zeros(1, 512), big, big.transpose(1, 2).contiguous(), big, fp8=True) == \
+        native.parallel()
 
 
 def test_load_keeps_the_fp8_expert_codes_the_weights_were_dequantised_from():
@@ -217,14 +218,45 @@ def test_c_decode_refuses_a_block_id_outside_the_pool():
         native.mla_decode(ql, qp, kv, pe, table, lens, 0.5)
 
 
-def test_op_uses_the_c_decode_on_one_thread(monkeypatch):
+def test_op_uses_the_c_decode_on_one_thread_or_in_a_parallel_build(monkeypatch):
     calls = []
     monkeypatch.setattr(native, "mla_decode", lambda *a: calls.append(a[0].shape[0]) or ref.mla_decode(*a))
     case = _attention_case(1, 2, 1, 4, 16, 8, 4, [6, 3])
     cpu.mla_decode(*case, 0.5)
-    torch.set_num_threads(2)  # torch's batched GEMMs split across threads; the kernel does not
+    torch.set_num_threads(2)  # torch's batched GEMMs split across threads; a serial build's kernel does not
     cpu.mla_decode(*case, 0.5)
-    assert calls == [2]
+    assert calls == ([2, 2] if native.parallel() else [2])
+
+
+@pytest.mark.skipif(not native.parallel(), reason=f"no parallel (OpenMP) build here: {native.status()}")
+def test_the_parallel_build_runs_on_torchs_own_openmp_and_gives_one_threads_values():
+    """Built with -fopenmp, the library resolves libgomp.so.1 to the copy torch loaded (one OpenMP runtime in the
+    process, one thread count); on two threads each kernel's values are bit for bit those of one thread (every
+    output is summed in the same order) and match cpu_ref. The shapes are large enough to split."""
+    import re
+
+    maps = Path("/proc/self/maps").read_text()
+    runtimes = {Path(line.split()[-1]).resolve() for line in maps.splitlines() if re.search(r"lib[gi]?omp", line)}
+    assert len(runtimes) == 1, runtimes
+    x, w, ids, (w1, w2, w3), fp8 = _case(21, 8, 264, 136, 12, 3)
+    lin_codes, lin_w = _fp8(torch.randn(1, 520, 520, generator=torch.Generator().manual_seed(5)) / 520 ** 0.5)
+    lin_codes = Fp8Weight(lin_codes.weight[0], lin_codes.scale_inv[0])
+    xl = torch.randn(3, 520, generator=torch.Generator().manual_seed(6))
+    att = _attention_case(8, 2, 1, 8, 64, 16, 8, [300, 97], nb=96)
+
+    def run():
+        return (native.moe_experts(x, w, ids, w1, w2, w3), native.moe_experts(x, w, ids, w1, w2, w3, fp8),
+                native.linear_e4m3(xl, lin_codes), native.mla_decode(*att, 0.3))
+
+    one = run()
+    torch.set_num_threads(2)
+    two = run()
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
+    torch.testing.assert_close(two[1].double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two[2].double(), xl.double() @ lin_w[0].double().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two[3], ref.mla_decode(*att, 0.3), rtol=1e-5, atol=1e-5)
 
 
 def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):

@@ -42,7 +42,8 @@ def _sources() -> dict:
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
             "linear": "torch F.linear (fp8: act_quant + fp8_gemm); FP8 checkpoints' weights of 2^18+: C on their codes",
             "mla_prefill": "torch scaled_dot_product_attention",
-            "mla_decode": "one thread: one C call over the paged latent cache; else torch batched gather + bmm",
+            "mla_decode": "one C call over the paged latent cache (on one thread, or on torch's threads in an OpenMP "
+                          "build); else torch batched gather + bmm",
             "moe_gate": "torch scores; expert selection up to 16 tokens in one C call (else torch topk)",
             "moe_experts": f"up to 16 tokens: one C call a layer, reading FP8 checkpoints' expert codes (native: "
                            f"{native.status()}); else torch: per-token expert loop (M <= 2) / sorted groups; "

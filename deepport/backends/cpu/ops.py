@@ -228,9 +228,9 @@ def linear(x, w):
 
 def _native_linear(x) -> bool:
     """An FP8 checkpoint's large weight read as its codes in C: fp32 CPU x that needs no grad, outside tracing,
-    on one thread (MKL splits large GEMVs across threads, the kernel does not)."""
+    on one thread or in a parallel build (MKL splits large GEMVs across threads; a serial build does not)."""
     return (x.dtype == F32 and x.device.type == "cpu" and not x.requires_grad and not torch.compiler.is_compiling()
-            and torch.get_num_threads() == 1 and native.available())
+            and native.available() and native.threads_ok())
 
 
 def _bottom_right_mask(s, t, device):
@@ -288,12 +288,12 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
 
 def _native_attention(ql, kv_cache, pe_cache) -> bool:
     """The C decode kernel (one call a layer instead of ~20) for fp32 CPU tensors that need no grad, on one
-    thread (torch's batched GEMMs split across threads)."""
+    thread or in a parallel build (a serial build would leave torch's other threads idle)."""
     if not (ql.dtype == kv_cache.dtype == pe_cache.dtype == F32) or ql.device.type != "cpu":
         return False
     if ql.requires_grad or not (kv_cache.is_contiguous() and pe_cache.is_contiguous()):
         return False
-    return torch.get_num_threads() == 1 and native.available()
+    return native.available() and native.threads_ok()
 
 
 def _gather_blocks(pool, blocks):
@@ -437,8 +437,9 @@ _NATIVE_MAX_TOKENS = native.MAX_TOKENS  # past it the torch strategies win (meas
 def _use_native(x, w1, w2, w3, fp8: bool) -> bool:
     """The C kernel runs fp32 CPU tensors that need no grad, outside tracing, where it was measured faster than
     the torch strategies (docs/performance.md): up to _NATIVE_MAX_TOKENS tokens, and then for experts under
-    _NATIVE_EXPERT_BYTES (cache-resident: calls cost more than reading), or on one thread (MKL splits larger
-    GEMMs across threads) reading fp8 codes (fp8: a quarter of the bytes) or for up to _PER_TOKEN_MAX tokens."""
+    _NATIVE_EXPERT_BYTES (cache-resident: calls cost more than reading), or on one thread or in a parallel build
+    (MKL splits larger GEMMs across threads; a serial build does not) reading fp8 codes (fp8: a quarter of the
+    bytes) or for up to _PER_TOKEN_MAX tokens."""
     if isinstance(w1, Fp8Weight) or not (x.dtype == w1.dtype == w2.dtype == w3.dtype == F32):
         return False
     if x.shape[0] > _NATIVE_MAX_TOKENS or x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -449,7 +450,7 @@ def _use_native(x, w1, w2, w3, fp8: bool) -> bool:
         return False
     if 3 * w1.shape[1] * w1.shape[2] * 4 < _NATIVE_EXPERT_BYTES:
         return True
-    return torch.get_num_threads() == 1 and (fp8 or x.shape[0] <= _PER_TOKEN_MAX)
+    return native.threads_ok() and (fp8 or x.shape[0] <= _PER_TOKEN_MAX)
 
 
 def _swiglu(gate, up):

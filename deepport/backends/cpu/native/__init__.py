@@ -7,7 +7,9 @@ codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20
 costs ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
 (moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
-CPU, so an upgrade or another machine rebuilds. No compiler, an unwritable cache or DEEPPORT_CPU_NATIVE=0: the
+CPU, so an upgrade or another machine rebuilds. Where torch runs on GNU OpenMP (its Linux wheels) they are built
+with -fopenmp and split large work across torch's own threads (torch.set_num_threads, `--threads`); elsewhere
+they run on the calling thread, and the ops then call them on one thread only. No compiler, an unwritable cache or DEEPPORT_CPU_NATIVE=0: the
 torch paths run, a warning says why once a process (not for DEEPPORT_CPU_NATIVE=0), and `status()` says it in
 the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
 """
@@ -50,6 +52,30 @@ def _arch_flags(cc: str) -> tuple[str, ...]:
     return ()
 
 
+def _openmp_flags(cc: str) -> tuple[str, ...]:
+    """-fopenmp where torch runs on GNU OpenMP (Linux wheels: torch/lib/libgomp.so.1) and the compiler takes it:
+    the library then needs libgomp.so.1, which the loader resolves to the copy torch has loaded, so the kernels'
+    parallel loops run on torch's own threads, as many as torch.set_num_threads says. Elsewhere (another OpenMP
+    runtime, or none): no flag, and the kernels run on the calling thread."""
+    import torch
+
+    info = torch.__config__.parallel_info()
+    if platform.system() != "Linux" or "parallel backend: OpenMP" not in info or "GNU" not in _libgomp_of_torch():
+        return ()
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = subprocess.run([cc, "-fopenmp", "-fPIC", "-shared", "-x", "c", "-", "-o", os.path.join(tmp, "p.so")],
+                               input=b"int f(int n){int s=0;\n#pragma omp parallel for reduction(+:s)\n"
+                                     b"for(int i=0;i<n;i++)s+=i;return s;}\n", capture_output=True)
+    return ("-fopenmp",) if probe.returncode == 0 else ()
+
+
+def _libgomp_of_torch() -> str:
+    """'GNU' when torch's own library directory holds libgomp.so.1 (GNU OpenMP), else ''."""
+    import torch
+
+    return "GNU" if (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists() else ""
+
+
 def _key(cc: str, flags: tuple[str, ...]) -> str:
     from deepport.backends.cpu import capability
 
@@ -68,7 +94,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (install gcc or clang, or set CC)"
-    flags = _arch_flags(cc) + _FLAGS
+    flags = _arch_flags(cc) + _openmp_flags(cc) + _FLAGS
     out_dir = settings.cache_dir() / "native"
     lib = out_dir / f"kernels-{_key(cc, flags)}.so"
     if not lib.exists():
@@ -98,7 +124,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
                                                                                          ctypes.c_void_p]
     dll.deepport_mla_decode_f32.restype = ctypes.c_int
-    return dll, f"C ({Path(cc).name} {' '.join(flags[:1])})"
+    return dll, f"C ({Path(cc).name} {' '.join(f for f in flags if f.startswith(('-march', '-mcpu', '-fopenmp')))})"
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,6 +145,19 @@ def status() -> str:
 
 def available() -> bool:
     return _loaded()[0] is not None
+
+
+def parallel() -> bool:
+    """The kernels split large work across torch's threads (an OpenMP build, see _openmp_flags)."""
+    return available() and "-fopenmp" in _loaded()[1]
+
+
+def threads_ok() -> bool:
+    """The kernels may run where torch has this many threads: one, or any number in a parallel build (a serial
+    build on several threads would leave the others idle where MKL splits its GEMMs)."""
+    import torch
+
+    return torch.get_num_threads() == 1 or parallel()
 
 
 def _check(rc: int, bad_input: str, buffers: str) -> None:

@@ -5,7 +5,8 @@
    the latent kv rows. Queries go in blocks of four: each cached kv / pe vector is loaded once for the four (the
    scores), and each output lane block is summed over the tokens in registers (the weighted sum). Why C: torch
    needs ~20 calls a layer for this (gathers, batched GEMMs, softmax, views), more than the arithmetic costs on
-   a small model. Single-threaded; built by deepport/backends/cpu/native/__init__.py. */
+   a small model. (row, query block) items split across threads in an OpenMP build (simd.h); built by
+   deepport/backends/cpu/native/__init__.py. */
 #include "simd.h"
 
 #define QB 4 /* queries a block */
@@ -38,24 +39,38 @@ INLINE void score4(const float *const ql[QB], const float *const qp[QB], const f
 int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t r, int64_t nb, int64_t p, int64_t t,
                             const float *ql, const float *qp, const float *kv, const float *pe, const int32_t *table,
                             const int32_t *lens, float scale, float *out) {
-    int64_t nq = s * h, most = 1;
+    int64_t nq = s * h, most = 1, blocks = (nq + QB - 1) / QB, work = 0;
     for (int64_t bi = 0; bi < b; bi++) most = lens[bi] > most ? lens[bi] : most;
-    float *sc = malloc((size_t)(QB * most) * sizeof(float));
-    int64_t *row = malloc((size_t)most * sizeof(int64_t)); /* token j's row in the pools */
-    if (!sc || !row) {
-        free(sc); free(row);
-        return -2;
-    }
+    int64_t *row = malloc((size_t)(b * most) * sizeof(int64_t)); /* token j of row bi: row[bi * most + j] in the pools */
+    if (!row) return -2;
     int rc = 0;
-    for (int64_t bi = 0; bi < b && rc == 0; bi++) {
+    for (int64_t bi = 0; bi < b; bi++) {
         int64_t len = lens[bi];
+        work += len * nq * (c + r);
         for (int64_t j = 0; j < len; j++) {
             int32_t blk = table[bi * t + j / p];
             if (blk < 0 || blk >= nb) rc = -1;
-            row[j] = ((int64_t)(blk < 0 || blk >= nb ? 0 : blk)) * p + j % p;
+            row[bi * most + j] = ((int64_t)(blk < 0 || blk >= nb ? 0 : blk)) * p + j % p;
         }
-        if (rc) break;
-        for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+    }
+    if (rc) {
+        free(row);
+        return rc;
+    }
+    int wide = threads() > 1 && b * blocks > 1 && 2 * work >= PARALLEL_MIN_WEIGHTS;
+    (void)wide; /* read by the OpenMP clause only */
+#pragma omp parallel if (wide)
+    {
+        float *sc = malloc((size_t)(QB * most) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < b * blocks; item++) {
+            if (!sc) {
+#pragma omp atomic write
+                rc = -2;
+                continue;
+            }
+            int64_t bi = item / blocks, q0 = (item % blocks) * QB, len = lens[bi];
+            const int64_t *rows = row + bi * most;
             int nqb = nq - q0 < QB ? (int)(nq - q0) : QB;
             const float *qls[QB], *qps[QB];
             int64_t pos[QB];
@@ -69,7 +84,7 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
             for (int i = 0; i < QB; i++) m[i] = -INFINITY, sum[i] = 0.0f;
             for (int64_t j = 0; j < len; j++) {
                 float o[QB];
-                score4(qls, qps, kv + row[j] * c, pe + row[j] * r, c, r, o);
+                score4(qls, qps, kv + rows[j] * c, pe + rows[j] * r, c, r, o);
                 for (int i = 0; i < QB; i++) {
                     float v = j > pos[i] ? -INFINITY : scale * o[i];
                     sc[i * most + j] = v;
@@ -101,19 +116,20 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
                 vf acc[QB] = {{0}};
                 if (w == VW) {
                     for (int64_t j = 0; j < len; j++) {
-                        vf k = ld(kv + row[j] * c + cc);
+                        vf k = ld(kv + rows[j] * c + cc);
                         for (int i = 0; i < QB; i++) acc[i] += sc[i * most + j] * k;
                     }
                 } else {
                     for (int64_t j = 0; j < len; j++)
                         for (int64_t l = 0; l < w; l++)
-                            for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[row[j] * c + cc + l];
+                            for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[rows[j] * c + cc + l];
                 }
                 for (int i = 0; i < nqb; i++)
                     memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
             }
         }
+        free(sc);
     }
-    free(sc); free(row);
+    free(row);
     return rc;
 }

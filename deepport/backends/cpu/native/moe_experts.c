@@ -6,13 +6,15 @@
    issued ~45 torch calls per MoE layer for ~1.5 MB of weights), and a decode step is bound by reading the
    expert weights: the fp8 entry point reads an FP8 checkpoint's codes (1 byte a weight) and their 128x128
    block scales instead of the dequantised fp32 copy (4 bytes), converting in registers. The (token, expert)
-   pairs are sorted by expert once; each expert's rows are read once per block of up to four tokens: w1[e] and
-   w3[e] [I, D] (gate and up of a row together), then w2[e] [D, I], adding each output straight into y.
+   pairs are sorted by expert once; each expert's rows are read once per block of up to four tokens: first w1[e]
+   and w3[e] [I, D] (gate and up of a row together) for every block, then w2[e] [D, I] output by output, each
+   output summed over the experts in order. Both phases split across threads in an OpenMP build (simd.h).
 
    Built at first use by deepport/backends/cpu/native/__init__.py with the system C compiler (-O3
    -march=native); no Python or torch headers. Plain IEEE fp32 (no -ffast-math): dot products in 8-lane
    partial sums (as a vectorised BLAS GEMV sums) and, for fp8, one scale multiply per 128-wide block of a row
-   (sum_b s_b * sum_j code_j x_j: the dequantised weights' products up to rounding). Single-threaded. */
+   (sum_b s_b * sum_j code_j x_j: the dequantised weights' products up to rounding). Each output is summed in the
+   same order on any number of threads. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,40 +101,72 @@ static row_t row(mat_t m, int64_t e, int64_t n) {
     return r;
 }
 
-/* One expert for nt (<= TOKENS) tokens: h[t] = silu(w1 x_t) * (w3 x_t), then y_t += wt_t * (w2 h_t). */
-static void expert(mat_t w1, mat_t w3, mat_t w2, int64_t e, const float *const xs[TOKENS], float *const ys[TOKENS],
-                   const float wt[TOKENS], int nt, float *h, float *u) {
+#define ROWS 64 /* w1 / w3 rows a unit of the first phase computes (its SwiGLU values for a block's tokens), and
+                   w2 rows (outputs) a unit of the second phase computes: slabs the prefetcher streams */
+
+/* A block: up to TOKENS (token, expert) pairs of one expert, pairs pair[q .. q + nt). */
+typedef struct {
+    int64_t e, q;
+    int nt;
+} blk_t;
+
+/* Phase 1, one unit: rows [i0, i1) of w1[e] and w3[e] for the block's tokens, then SwiGLU:
+   hp[pair q + t][i] = silu(w1[e] x_t)[i] * (w3[e] x_t)[i] (the gate values first, in hp; the up values in up). */
+static void gate_up(mat_t w1, mat_t w3, blk_t b, const float *x, const int64_t *pair, int64_t k, int64_t i0,
+                    int64_t i1, float *hp, float *up) {
     int64_t d = w1.k, inter = w1.n;
+    const float *xs[TOKENS];
+    for (int t = 0; t < TOKENS; t++) xs[t] = x + (pair[b.q + (t < b.nt ? t : b.nt - 1)] / k) * d;
     float o[4 * TOKENS];
-    for (int64_t i = 0; i < inter; i += 2) {
-        int64_t i1 = i + 1 < inter ? i + 1 : i; /* an odd last row is computed twice, written once */
-        row_t r[4] = {row(w1, e, i), row(w3, e, i), row(w1, e, i1), row(w3, e, i1)};
-        dots(r, 4, xs, nt, d, w1.q, o);
-        for (int t = 0; t < nt; t++) { /* gate values in h, up values in u: SwiGLU below, VW lanes at a time */
-            h[t * inter + i] = o[t];
-            u[t * inter + i] = o[TOKENS + t];
-            if (i1 != i) h[t * inter + i1] = o[2 * TOKENS + t], u[t * inter + i1] = o[3 * TOKENS + t];
+    for (int64_t i = i0; i < i1; i += 2) {
+        int64_t i1r = i + 1 < i1 ? i + 1 : i; /* an odd last row is computed twice, written once */
+        row_t r[4] = {row(w1, b.e, i), row(w3, b.e, i), row(w1, b.e, i1r), row(w3, b.e, i1r)};
+        dots(r, 4, xs, b.nt, d, w1.q, o);
+        for (int t = 0; t < b.nt; t++) {
+            float *ht = hp + (b.q + t) * inter, *ut = up + (b.q + t) * inter;
+            ht[i] = o[t], ut[i] = o[TOKENS + t];
+            if (i1r != i) ht[i1r] = o[2 * TOKENS + t], ut[i1r] = o[3 * TOKENS + t];
         }
     }
-    for (int t = 0; t < nt; t++) { /* h = silu(gate) * up = gate / (1 + exp(-gate)) * up */
-        float *ht = h + t * inter, *ut = u + t * inter;
-        int64_t i = 0;
-        for (; i + VW <= inter; i += VW) {
+    for (int t = 0; t < b.nt; t++) { /* h = silu(gate) * up = gate / (1 + exp(-gate)) * up */
+        float *ht = hp + (b.q + t) * inter, *ut = up + (b.q + t) * inter;
+        int64_t i = i0;
+        for (; i + VW <= i1; i += VW) {
             vf g = ld(ht + i), v = g / (1.0f + vexp(-g)) * ld(ut + i);
             memcpy(ht + i, &v, sizeof v);
         }
-        for (; i < inter; i++) ht[i] = silu(ht[i]) * ut[i];
+        for (; i < i1; i++) ht[i] = silu(ht[i]) * ut[i];
     }
-    const float *hs[TOKENS];
-    for (int t = 0; t < TOKENS; t++) hs[t] = h + (t < nt ? t : 0) * inter;
-    for (int64_t c = 0; c < d; c += 4) {
-        int nr = d - c < 4 ? (int)(d - c) : 4;
-        row_t r[4];
-        for (int i = 0; i < 4; i++) r[i] = row(w2, e, c + (i < nr ? i : nr - 1));
-        dots(r, nr, hs, nt, inter, w2.q, o);
-        for (int i = 0; i < nr; i++)
-            for (int t = 0; t < nt; t++) ys[t][c + i] += wt[t] * o[i * TOKENS + t];
+}
+
+/* Phase 2, one unit: outputs [c0, c1) of every token: y[t][c] += wt * (w2[e] row c . h), over the blocks in
+   order (each output's sum runs over the experts in the same order on any number of threads). */
+static void down(mat_t w2, const blk_t *blks, int64_t nb, const float *hp, const int64_t *pair, const float *wts,
+                 int64_t k, int64_t c0, int64_t c1, float *y) {
+    int64_t d = w2.n, inter = w2.k;
+    float o[4 * TOKENS];
+    for (int64_t bi = 0; bi < nb; bi++) {
+        blk_t b = blks[bi];
+        const float *hs[TOKENS];
+        for (int t = 0; t < TOKENS; t++) hs[t] = hp + (b.q + (t < b.nt ? t : 0)) * inter;
+        for (int64_t c = c0; c < c1; c += 4) {
+            int nr = c1 - c < 4 ? (int)(c1 - c) : 4;
+            row_t r[4];
+            for (int i = 0; i < 4; i++) r[i] = row(w2, b.e, c + (i < nr ? i : nr - 1));
+            dots(r, nr, hs, b.nt, inter, w2.q, o);
+            for (int t = 0; t < b.nt; t++) {
+                int64_t pr = pair[b.q + t];
+                float *yt = y + (pr / k) * d, wt = wts[pr];
+                for (int i = 0; i < nr; i++) yt[c + i] += wt * o[i * TOKENS + t];
+            }
+        }
     }
+}
+
+static void gate_up_unit(mat_t w1, mat_t w3, const blk_t *blks, const float *x, const int64_t *pair, int64_t k,
+                         int64_t u, int64_t chunks, float *hp, float *up) {
+    int64_t i0 = (u % chunks) * ROWS;
+    gate_up(w1, w3, blks[u / chunks], x, pair, k, i0, min64(i0 + ROWS, w1.n), hp, up);
 }
 
 static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x, const int64_t *ids,
@@ -144,9 +178,10 @@ static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const 
     int64_t *start = calloc((size_t)e + 1, sizeof(int64_t));
     int64_t *fill = malloc((size_t)(e > 0 ? e : 1) * sizeof(int64_t));
     int64_t *pair = malloc((size_t)(p > 0 ? p : 1) * sizeof(int64_t));
-    float *h = malloc((size_t)(2 * TOKENS * inter) * sizeof(float)); /* SwiGLU: gate / output, then up */
+    blk_t *blks = malloc((size_t)(p > 0 ? p : 1) * sizeof(blk_t));
+    float *hp = malloc((size_t)(2 * (p > 0 ? p : 1) * inter) * sizeof(float)); /* per pair: SwiGLU, then up */
     int rc = 0;
-    if (!start || !fill || !pair || !h) {
+    if (!start || !fill || !pair || !blks || !hp) {
         rc = -2;
         goto done;
     }
@@ -156,23 +191,23 @@ static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const 
     memcpy(fill, start, (size_t)e * sizeof(int64_t));
     for (int64_t i = 0; i < p; i++)
         if (ids[i] >= 0) pair[fill[ids[i]]++] = i;
-    for (int64_t j = 0; j < e; j++) {
-        for (int64_t q = start[j]; q < start[j + 1]; q += TOKENS) {
-            int nt = start[j + 1] - q < TOKENS ? (int)(start[j + 1] - q) : TOKENS;
-            const float *xs[TOKENS];
-            float *ys[TOKENS];
-            float wt[TOKENS];
-            for (int t = 0; t < TOKENS; t++) {
-                int64_t pr = pair[q + (t < nt ? t : nt - 1)];
-                xs[t] = x + (pr / k) * d;
-                ys[t] = y + (pr / k) * d;
-                wt[t] = wts[pr];
-            }
-            expert(w1, w3, w2, j, xs, ys, wt, nt, h, h + TOKENS * inter);
-        }
+    int64_t nb = 0;
+    for (int64_t j = 0; j < e; j++)
+        for (int64_t q = start[j]; q < start[j + 1]; q += TOKENS)
+            blks[nb++] = (blk_t){j, q, start[j + 1] - q < TOKENS ? (int)(start[j + 1] - q) : TOKENS};
+    float *up = hp + p * inter;
+    int64_t chunks = (inter + ROWS - 1) / ROWS, units = nb * chunks, outs = (d + ROWS - 1) / ROWS;
+    if (threads() > 1 && nb * 3 * inter * d >= PARALLEL_MIN_WEIGHTS) {
+#pragma omp parallel for schedule(static)
+        for (int64_t u = 0; u < units; u++) gate_up_unit(w1, w3, blks, x, pair, k, u, chunks, hp, up);
+#pragma omp parallel for schedule(static)
+        for (int64_t u = 0; u < outs; u++) down(w2, blks, nb, hp, pair, wts, k, u * ROWS, min64(u * ROWS + ROWS, d), y);
+    } else {
+        for (int64_t u = 0; u < units; u++) gate_up_unit(w1, w3, blks, x, pair, k, u, chunks, hp, up);
+        down(w2, blks, nb, hp, pair, wts, k, 0, d, y);
     }
 done:
-    free(start); free(fill); free(pair); free(h);
+    free(start); free(fill); free(pair); free(blks); free(hp);
     return rc;
 }
 
@@ -199,12 +234,15 @@ int deepport_moe_experts_e4m3(int64_t m, int64_t d, int64_t inter, int64_t k, in
    blocks of up to TOKENS. Returns 0. */
 int deepport_linear_e4m3(int64_t m, int64_t n, int64_t k, const float *x, const uint8_t *w, const float *s, float *y) {
     mat_t a = {w, s, n, k, 1};
-    float o[4 * TOKENS];
+    int wide = threads() > 1 && n * k >= PARALLEL_MIN_WEIGHTS;
+    (void)wide; /* read by the OpenMP clause only */
     for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
         int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
         const float *xs[TOKENS];
         for (int t = 0; t < TOKENS; t++) xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * k;
+#pragma omp parallel for schedule(static) if (wide)
         for (int64_t c = 0; c < n; c += 4) {
+            float o[4 * TOKENS];
             int nr = n - c < 4 ? (int)(n - c) : 4;
             row_t r[4];
             for (int i = 0; i < 4; i++) r[i] = row(a, 0, c + (i < nr ? i : nr - 1));

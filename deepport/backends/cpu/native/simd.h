@@ -19,6 +19,19 @@ typedef int8_t vc __attribute__((vector_size(VW)));
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* Built with OpenMP (deepport/backends/cpu/native/__init__.py adds -fopenmp where torch itself runs on GNU OpenMP, so
+   the kernels share torch's thread pool and its thread count), a kernel splits its work across the threads where
+   it reads at least this many weights; smaller work stays on the calling thread (waking the pool costs more). */
+#define PARALLEL_MIN_WEIGHTS (1 << 18)
+#ifdef _OPENMP
+#include <omp.h>
+INLINE int threads(void) { return omp_get_max_threads(); }
+#else
+INLINE int threads(void) { return 1; }
+#endif
+
+INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 INLINE vf ld(const float *p) {
     vf v;
     memcpy(&v, p, sizeof v);
