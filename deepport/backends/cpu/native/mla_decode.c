@@ -33,6 +33,80 @@ INLINE void score4(const float *const ql[QB], const float *const qp[QB], const f
     }
 }
 
+/* The shapes and pointers of one call, for its (row, query block) items. */
+typedef struct {
+    int64_t s, h, c, r, nq, most, blocks;
+    const float *ql, *qp, *kv, *pe;
+    const int32_t *lens;
+    const int64_t *row;
+    float scale, *out;
+} job_t;
+
+/* One item: queries q0 .. q0 + QB of row bi (their scores in sc, QB * most floats). */
+static void item(const job_t *jb, int64_t it, float *sc) {
+    int64_t s = jb->s, h = jb->h, c = jb->c, r = jb->r, nq = jb->nq, most = jb->most;
+    const float *ql = jb->ql, *qp = jb->qp, *kv = jb->kv, *pe = jb->pe;
+    float scale = jb->scale, *out = jb->out;
+    int64_t bi = it / jb->blocks, q0 = (it % jb->blocks) * QB, len = jb->lens[bi];
+    const int64_t *rows = jb->row + bi * most;
+    int nqb = nq - q0 < QB ? (int)(nq - q0) : QB;
+    const float *qls[QB], *qps[QB];
+    int64_t pos[QB];
+    for (int i = 0; i < QB; i++) {
+        int64_t q = q0 + (i < nqb ? i : nqb - 1);
+        qls[i] = ql + (bi * nq + q) * c;
+        qps[i] = qp + (bi * nq + q) * r;
+        pos[i] = len - s + q / h; /* this query sees keys 0 .. pos */
+    }
+    float m[QB], sum[QB];
+    for (int i = 0; i < QB; i++) m[i] = -INFINITY, sum[i] = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        float o[QB];
+        score4(qls, qps, kv + rows[j] * c, pe + rows[j] * r, c, r, o);
+        for (int i = 0; i < QB; i++) {
+            float v = j > pos[i] ? -INFINITY : scale * o[i];
+            sc[i * most + j] = v;
+            m[i] = v > m[i] ? v : m[i];
+        }
+    }
+    for (int i = 0; i < QB; i++) { /* softmax as torch computes it: exp(x - max) / sum */
+        float *si = sc + i * most;
+        vf acc = {0};
+        int64_t j = 0;
+        for (; j + VW <= len; j += VW) {
+            vf e = vexp(ld(si + j) - m[i]);
+            memcpy(si + j, &e, sizeof e);
+            acc += e;
+        }
+        for (; j < len; j++) {
+            si[j] = expf(si[j] - m[i]);
+            sum[i] += si[j];
+        }
+        sum[i] += hsum(acc);
+        for (j = 0; j + VW <= len; j += VW) {
+            vf q = ld(si + j) / sum[i];
+            memcpy(si + j, &q, sizeof q);
+        }
+        for (; j < len; j++) si[j] /= sum[i];
+    }
+    for (int64_t cc = 0; cc < c; cc += VW) {
+        int64_t w = c - cc < VW ? c - cc : VW;
+        vf acc[QB] = {{0}};
+        if (w == VW) {
+            for (int64_t j = 0; j < len; j++) {
+                vf k = ld(kv + rows[j] * c + cc);
+                for (int i = 0; i < QB; i++) acc[i] += sc[i * most + j] * k;
+            }
+        } else {
+            for (int64_t j = 0; j < len; j++)
+                for (int64_t l = 0; l < w; l++)
+                    for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[rows[j] * c + cc + l];
+        }
+        for (int i = 0; i < nqb; i++)
+            memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
+    }
+}
+
 /* q_latent [B, S, H, C]; q_pe [B, S, H, R]; kv [NB, P, C]; pe [NB, P, R]; table [B, T] int32 block ids;
    lens [B] int32 (S <= lens[b] <= T * P, checked by the caller); out [B, S, H, C] (written).
    Returns 0; -1 where a block id in use is outside [0, NB); -2: out of memory. */
@@ -57,77 +131,25 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
         free(row);
         return rc;
     }
-    int wide = threads() > 1 && b * blocks > 1 && 2 * work >= PARALLEL_MIN_WEIGHTS;
-    (void)wide; /* read by the OpenMP clause only */
-#pragma omp parallel if (wide)
-    {
-        float *sc = malloc((size_t)(QB * most) * sizeof(float));
+    job_t jb = {s, h, c, r, nq, most, blocks, ql, qp, kv, pe, lens, row, scale, out};
+    if (threads() > 1 && b * blocks > 1 && 2 * work >= PARALLEL_MIN_WEIGHTS) {
+#pragma omp parallel
+        {
+            float *sc = malloc((size_t)(QB * most) * sizeof(float));
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < b * blocks; item++) {
-            if (!sc) {
+            for (int64_t it = 0; it < b * blocks; it++) {
+                if (sc) item(&jb, it, sc);
+                else {
 #pragma omp atomic write
-                rc = -2;
-                continue;
-            }
-            int64_t bi = item / blocks, q0 = (item % blocks) * QB, len = lens[bi];
-            const int64_t *rows = row + bi * most;
-            int nqb = nq - q0 < QB ? (int)(nq - q0) : QB;
-            const float *qls[QB], *qps[QB];
-            int64_t pos[QB];
-            for (int i = 0; i < QB; i++) {
-                int64_t q = q0 + (i < nqb ? i : nqb - 1);
-                qls[i] = ql + (bi * nq + q) * c;
-                qps[i] = qp + (bi * nq + q) * r;
-                pos[i] = len - s + q / h; /* this query sees keys 0 .. pos */
-            }
-            float m[QB], sum[QB];
-            for (int i = 0; i < QB; i++) m[i] = -INFINITY, sum[i] = 0.0f;
-            for (int64_t j = 0; j < len; j++) {
-                float o[QB];
-                score4(qls, qps, kv + rows[j] * c, pe + rows[j] * r, c, r, o);
-                for (int i = 0; i < QB; i++) {
-                    float v = j > pos[i] ? -INFINITY : scale * o[i];
-                    sc[i * most + j] = v;
-                    m[i] = v > m[i] ? v : m[i];
+                    rc = -2;
                 }
             }
-            for (int i = 0; i < QB; i++) { /* softmax as torch computes it: exp(x - max) / sum */
-                float *si = sc + i * most;
-                vf acc = {0};
-                int64_t j = 0;
-                for (; j + VW <= len; j += VW) {
-                    vf e = vexp(ld(si + j) - m[i]);
-                    memcpy(si + j, &e, sizeof e);
-                    acc += e;
-                }
-                for (; j < len; j++) {
-                    si[j] = expf(si[j] - m[i]);
-                    sum[i] += si[j];
-                }
-                sum[i] += hsum(acc);
-                for (j = 0; j + VW <= len; j += VW) {
-                    vf q = ld(si + j) / sum[i];
-                    memcpy(si + j, &q, sizeof q);
-                }
-                for (; j < len; j++) si[j] /= sum[i];
-            }
-            for (int64_t cc = 0; cc < c; cc += VW) {
-                int64_t w = c - cc < VW ? c - cc : VW;
-                vf acc[QB] = {{0}};
-                if (w == VW) {
-                    for (int64_t j = 0; j < len; j++) {
-                        vf k = ld(kv + rows[j] * c + cc);
-                        for (int i = 0; i < QB; i++) acc[i] += sc[i * most + j] * k;
-                    }
-                } else {
-                    for (int64_t j = 0; j < len; j++)
-                        for (int64_t l = 0; l < w; l++)
-                            for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[rows[j] * c + cc + l];
-                }
-                for (int i = 0; i < nqb; i++)
-                    memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
-            }
+            free(sc);
         }
+    } else {
+        float *sc = malloc((size_t)(QB * most) * sizeof(float));
+        if (!sc) rc = -2;
+        for (int64_t it = 0; sc && it < b * blocks; it++) item(&jb, it, sc);
         free(sc);
     }
     free(row);
