@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from deepport.core import settings
-from deepport.core.checkpoint import fp8_codes_of
+from deepport.core.checkpoint import bf16_of, fp8_codes_of
 from deepport.core.errors import DeepportError
 
 
@@ -89,7 +89,8 @@ def decode_weight_bytes(transformer, batch: int = 1, codes: bool = True) -> int:
     """Weight bytes one decode step of the main model reads: everything but the embedding table (one row
     per token) and the MTP modules, with routed experts counted by the expected number touched by `batch`
     tokens (E * (1 - (1 - k/E)^batch)); codes=True: as the fp8 codes and scales where load kept them for the
-    backend's kernels (param.fp8_codes), else as the dequantised weights (what transformers reads)."""
+    backend's kernels (param.fp8_codes; bf16 values likewise, param.bf16_values), else as the dequantised
+    weights (what transformers reads)."""
     a = transformer.args
     total = 0
     for name, p in transformer.named_parameters():
@@ -99,6 +100,8 @@ def decode_weight_bytes(transformer, batch: int = 1, codes: bool = True) -> int:
         kept = fp8_codes_of(p) if codes else None  # kept by a backend that reads them instead (cpu's C kernels)
         if kept is not None:
             nbytes = kept.weight.numel() * kept.weight.element_size() + kept.scale_inv.numel() * 4
+        elif codes and bf16_of(p) is not None:  # bf16 values kept likewise (an FP8 checkpoint's lm_head)
+            nbytes = p.numel() * 2
         if ".experts." in name:
             nbytes *= 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
         total += nbytes
@@ -163,7 +166,7 @@ def print_comparison(report: dict) -> None:
           f"{w['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> limit {w['limit_decode_tokens_per_s']:.1f} tok/s; "
           f"deepport at {w['deepport_fraction_of_limit']:.2f} of it")
     if w["dequantised_weight_bytes_per_step"] != w["decode_weight_bytes_per_step"]:
-        print(f"  (deepport reads fp8 codes kept for its kernels; the weights as dequantised, which transformers reads, "
-              f"are {w['dequantised_weight_bytes_per_step'] / 1e6:.1f} MB a step: deepport at "
+        print(f"  (deepport reads the fp8 codes (and bf16 head) kept for its kernels; the weights as dequantised, "
+              f"which transformers reads, are {w['dequantised_weight_bytes_per_step'] / 1e6:.1f} MB a step: deepport at "
               f"{w['deepport_fraction_of_dequantised_limit']:.2f} of that limit)")
     print(f"greedy tokens equal: {c['greedy_tokens_equal']}")

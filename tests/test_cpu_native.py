@@ -244,9 +244,11 @@ def test_the_parallel_build_runs_on_torchs_own_openmp_and_gives_one_threads_valu
     xl = torch.randn(3, 520, generator=torch.Generator().manual_seed(6))
     att = _attention_case(8, 2, 1, 8, 64, 16, 8, [300, 97], nb=96)
 
+    w16 = lin_w[0].bfloat16()
+
     def run():
         return (native.moe_experts(x, w, ids, w1, w2, w3), native.moe_experts(x, w, ids, w1, w2, w3, fp8),
-                native.linear_e4m3(xl, lin_codes), native.mla_decode(*att, 0.3))
+                native.linear_e4m3(xl, lin_codes), native.mla_decode(*att, 0.3), native.linear_bf16(xl, w16))
 
     one = run()
     torch.set_num_threads(2)
@@ -257,6 +259,7 @@ def test_the_parallel_build_runs_on_torchs_own_openmp_and_gives_one_threads_valu
     torch.testing.assert_close(two[1].double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two[2].double(), xl.double() @ lin_w[0].double().T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two[3], ref.mla_decode(*att, 0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two[4].double(), xl.double() @ w16.double().T, rtol=1e-5, atol=1e-5)
 
 
 def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
@@ -277,6 +280,9 @@ def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
         args = _attention_case(3, 2, 2, 5, 33, 7, 4, [3, 9])
         want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in args), 0.125)
         torch.testing.assert_close(native.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)
+        w16, xl = torch.randn(70, 300).bfloat16(), torch.randn(3, 300)
+        torch.testing.assert_close(native.linear_bf16(xl, w16).double(), xl.double() @ w16.double().T, rtol=1e-5,
+                                   atol=1e-5)
     finally:
         native._loaded.cache_clear()
 
@@ -295,6 +301,40 @@ def test_an_unwritable_cache_leaves_the_torch_paths_and_says_where(monkeypatch, 
 def test_bf16_serving_keeps_no_codes_it_would_not_read():
     m = deepport.load(backend="cpu", dtype="bf16")
     assert checkpoint.fp8_codes_of(m.transformer.layers[1].ffn.experts.w1) is None
+    assert checkpoint.bf16_of(m.transformer.head.weight) is None  # a bf16 weight is its own bf16 values
+
+
+@pytest.mark.parametrize("lead,n,k", [((1,), 1024, 256), ((2,), 258, 300), ((3, 5), 130, 136), ((16,), 7, 9)])
+def test_c_linear_reads_bf16_values_as_their_fp32_values(lead, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    w16 = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    x = torch.randn(*lead, k, generator=g)
+    want = ref.linear(x.double(), w16.double())
+    got = native.linear_bf16(x, w16)
+    assert got.shape == (*lead, n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_load_keeps_the_bf16_head_and_linear_reads_it_for_up_to_two_rows(monkeypatch):
+    """An FP8 checkpoint's lm_head is bf16 (2^18 weights on the embedded model): served as fp32, load keeps its
+    bf16 values too, and linear reads those in C for 1-2 rows (decode, MTP verification); more rows, or after an
+    in-place change of the weight, MKL on the fp32 copy."""
+    m = deepport.load(backend="cpu")
+    head = m.transformer.head.weight
+    w16 = checkpoint.bf16_of(head)
+    assert w16 is not None and w16.dtype == torch.bfloat16 and torch.equal(w16.float(), head)
+    assert checkpoint.bf16_of(m.transformer.embed.weight) is None  # read a row per token: nothing to gain
+    calls = []
+    real = native.linear_bf16
+    monkeypatch.setattr(native, "linear_bf16", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    g = torch.Generator().manual_seed(8)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, head.shape[1], generator=g)
+        torch.testing.assert_close(cpu.linear(x, head), x @ head.T, rtol=1e-5, atol=1e-5)
+    assert calls == [1, 2]
+    with torch.no_grad():
+        head.mul_(1.0)  # changed in place: the bf16 values may no longer be its values
+    assert checkpoint.bf16_of(head) is None
 
 
 @pytest.mark.parametrize("lead,n,k", [((1,), 512, 640), ((2,), 258, 300), ((3, 5), 130, 136), ((16,), 7, 9)])
@@ -323,19 +363,20 @@ def test_linear_reads_codes_load_kept_for_large_weights_only(monkeypatch):
     assert kept and all(".experts." in n for n in kept)
 
 
-def test_conformance_fp8_served_cases_reach_the_codes_paths(monkeypatch):
-    """The suite's *_fp8served cases carry the codes to the backend (to_device re-attaches them), so the kernels
-    that read codes are judged by conformance, at V3's dimensions in the full tier."""
+def test_conformance_served_cases_reach_the_codes_paths(monkeypatch):
+    """The suite's *_fp8served (*_bf16served) cases carry the codes (bf16 values) to the backend (to_device re-attaches
+    them), so the kernels that read them are judged by conformance, at V3's dimensions in the full tier."""
     from deepport.conformance.runner import run
 
     seen = []
-    real_moe, real_lin = native.moe_experts, native.linear_e4m3
+    real_moe, real_lin, real_16 = native.moe_experts, native.linear_e4m3, native.linear_bf16
     monkeypatch.setattr(native, "moe_experts", lambda *a: seen.append(("moe", a[6] is not None)) or real_moe(*a))
     monkeypatch.setattr(native, "linear_e4m3", lambda x, c: seen.append(("linear", True)) or real_lin(x, c))
+    monkeypatch.setattr(native, "linear_bf16", lambda x, w: seen.append(("bf16", True)) or real_16(x, w))
     rep = run("cpu", tier="quick", ops=["moe_experts", "linear"], dtypes=("bf16",), fallback="error")
-    served = [r for r in rep.results if "fp8served" in r.case]
-    assert len(served) == 4 and all(r.status == "pass" for r in served), [(r.case, r.reason) for r in served]
-    assert seen.count(("moe", True)) == 2 and seen.count(("linear", True)) == 2
+    served = [r for r in rep.results if "served" in r.case]
+    assert len(served) == 6 and all(r.status == "pass" for r in served), [(r.case, r.reason) for r in served]
+    assert seen.count(("moe", True)) == 2 and seen.count(("linear", True)) == 2 and seen.count(("bf16", True)) == 2
 
 
 def test_linear_with_codes_refuses_a_mismatched_input_width():

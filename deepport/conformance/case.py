@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from deepport.core.checkpoint import attach_fp8_codes, fp8_codes_of
+from deepport.core.checkpoint import attach_bf16, attach_fp8_codes, bf16_of, fp8_codes_of
 from deepport.core.formats import Fp8Format, Fp8Weight, dequantize_weight, quantize_weight
 from deepport.core.formats import fp8_format as lookup_format
 
@@ -64,6 +64,9 @@ def to_device(value, device):
         codes = fp8_codes_of(value)  # an FP8 checkpoint's weight served dequantised keeps its codes (served_fp8_weight)
         if codes is not None:
             attach_fp8_codes(out, to_device(codes, device))
+        w16 = bf16_of(value)  # and a bf16 weight served as fp32 its bf16 values (served_bf16_weight)
+        if w16 is not None:
+            attach_bf16(out, to_device(w16, device))
         return out
     if isinstance(value, Fp8Weight):
         return Fp8Weight(to_device(value.weight, device), to_device(value.scale_inv, device), value.block,
@@ -114,6 +117,15 @@ def served_fp8_weight(g: torch.Generator, *shape, std: float = 1.0) -> torch.Ten
     codes = fp8_weight(g, *shape, fmt=lookup_format("e4m3fn"), std=std)
     w = dequantize_weight(codes.weight, codes.scale_inv, codes.block, torch.float32)
     attach_fp8_codes(w, codes)
+    return w
+
+
+def served_bf16_weight(g: torch.Generator, *shape, std: float = 1.0) -> torch.Tensor:
+    """A bf16 checkpoint weight (an FP8 checkpoint's lm_head) as a backend serving it in fp32 holds it: the fp32
+    values, its bf16 values attached as load_into(keep_fp8_codes=True) attaches them (cpu reads those)."""
+    w16 = randn(g, *shape, std=std, dtype=torch.bfloat16)
+    w = w16.float()
+    attach_bf16(w, w16)
     return w
 
 

@@ -211,7 +211,8 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     that are not positive and finite (core/weight_checks.py). `keep_fp8_codes` (fp8 weights dequantised to
     `dtype`): their e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of the same
     values) on the routed experts' stacked weights and on other weights of CODES_MIN_WEIGHTS or more, see
-    attach_fp8_codes.
+    attach_fp8_codes; and with `dtype` fp32, bf16 linear weights of CODES_MIN_WEIGHTS or more (an FP8
+    checkpoint's lm_head) keep their bf16 values (`param.bf16_values`, see attach_bf16).
     """
     path = Path(path)
     args = model.args
@@ -254,6 +255,11 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
             else:  # stacked as the experts' weights are, attached once every expert is read
                 _assign(model, dataclasses.replace(spec, target=spec.target + "#codes"), t, scale.float(), device,
                         stacked, args, store=False)
+        elif keep_fp8_codes and shard is None and dtype == torch.float32 and t.dtype == torch.bfloat16 \
+                and spec.expert is None and t.numel() >= CODES_MIN_WEIGHTS:  # a large bf16 linear weight (lm_head)
+            mod, attr = _resolve(model, spec.target)
+            if hasattr(mod, "in_features"):  # a Linear's (not the embedding table, read a row per token)
+                attach_bf16(getattr(mod, attr), t.to(device))
     missing = [n for n in specs if n not in seen and n not in skipped]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}; "
@@ -276,13 +282,32 @@ def attach_fp8_codes(weight: torch.Tensor, codes: Fp8Weight) -> None:
     """Keep `codes` (the fp8 form of `weight`'s values) on `weight` for kernels that read fp8 codes; fp8_codes_of
     returns them only while `weight` has not been changed in place since. An inference tensor (made under
     torch.inference_mode) tracks no changes, so it keeps none: its readers use its own values."""
-    if not weight.is_inference():
-        weight.fp8_codes = (codes, weight._version)
+    _keep(weight, "fp8_codes", codes)
 
 
 def fp8_codes_of(weight) -> Fp8Weight | None:
     """The Fp8Weight attached to `weight` by load_into(keep_fp8_codes=True), None if none or `weight` has changed."""
-    kept = getattr(weight, "fp8_codes", None)
+    return _kept(weight, "fp8_codes")
+
+
+def attach_bf16(weight: torch.Tensor, values: torch.Tensor) -> None:
+    """Keep `values` (bf16, exactly `weight`'s fp32 values) on `weight` for kernels that read bf16 (half the bytes);
+    as attach_fp8_codes: bf16_of returns them only while `weight` has not been changed in place since."""
+    _keep(weight, "bf16_values", values)
+
+
+def bf16_of(weight) -> torch.Tensor | None:
+    """The bf16 values attached to `weight` by load_into(keep_fp8_codes=True), None if none or `weight` has changed."""
+    return _kept(weight, "bf16_values")
+
+
+def _keep(weight, attr: str, value) -> None:
+    if not weight.is_inference():
+        setattr(weight, attr, (value, weight._version))
+
+
+def _kept(weight, attr: str):
+    kept = getattr(weight, attr, None)
     if kept is None or weight.is_inference() or kept[1] != weight._version:
         return None
     return kept[0]

@@ -20,7 +20,7 @@ from deepport.backends.cpu import gemm_layout, native
 from deepport.backends.cpu_ref.ops import weight_dequant  # one torch dequantisation: the spec's is already fast
 from deepport.backends.torch_common import all_reduce, all_to_all, sample
 from deepport.core import preconditions
-from deepport.core.checkpoint import CODES_MIN_WEIGHTS, fp8_codes_of
+from deepport.core.checkpoint import CODES_MIN_WEIGHTS, bf16_of, fp8_codes_of
 from deepport.core.errors import ContractError
 from deepport.core.formats import AMAX_FLOOR, Fp8Weight, check_scale_fmt, round_scale_up_pow2
 
@@ -223,11 +223,20 @@ def linear(x, w):
         codes = fp8_codes_of(w)
         if codes is not None and _native_linear(x):
             return native.linear_e4m3(x, codes)
+        w16 = bf16_of(w) if x.numel() <= _BF16_MAX_ROWS * x.shape[-1] else None
+        if w16 is not None and _native_linear(x):
+            return native.linear_bf16(x, w16)
     return _gemm(x, w)
 
 
+# rows up to which a kept bf16 weight is read in C: half the bytes of the fp32 copy (v3-200m's lm_head, batch 1:
+# +3.6% a step on one thread, +1.6% on two); past it MKL's GEMM on the fp32 copy wins (v3-200m at batch 8: 0.97x
+# a step with the C path up to 16 rows; docs/performance.md "Ninth session")
+_BF16_MAX_ROWS = 2
+
+
 def _native_linear(x) -> bool:
-    """An FP8 checkpoint's large weight read as its codes in C: fp32 CPU x that needs no grad, outside tracing,
+    """An FP8 checkpoint's large weight read as its codes in C (or a bf16 weight as its bf16 values): fp32 CPU x that needs no grad, outside tracing,
     on one thread or in a parallel build (MKL splits large GEMVs across threads; a serial build does not)."""
     return (x.dtype == F32 and x.device.type == "cpu" and not x.requires_grad and not torch.compiler.is_compiling()
             and native.available() and native.threads_ok())

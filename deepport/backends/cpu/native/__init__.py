@@ -3,7 +3,8 @@
 A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
 model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
 codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), and linear layers of
-1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes). A ctypes call
+1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes) or of bf16
+weights served as fp32 (the bf16 values: half the bytes; an FP8 checkpoint's lm_head). A ctypes call
 costs ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
 (moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
@@ -121,6 +122,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
+    dll.deepport_linear_bf16.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    dll.deepport_linear_bf16.restype = ctypes.c_int
     dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
                                                                                          ctypes.c_void_p]
     dll.deepport_mla_decode_f32.restype = ctypes.c_int
@@ -242,4 +245,16 @@ def linear_e4m3(x, codes):
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _loaded()[0].deepport_linear_e4m3(x2.shape[0], n, k, x2.data_ptr(), codes.weight.data_ptr(),
                                       codes.scale_inv.data_ptr(), y.data_ptr())
+    return y.view(*x.shape[:-1], n)
+
+
+def linear_bf16(x, w16):
+    """x [..., K] (fp32) times the transpose of w16 (bf16 [N, K], the exact values of an fp32 weight): fp32 [..., N],
+    reading the bf16 values (half the bytes). The caller checks eligibility (fp32 CPU x, no grad, not tracing)."""
+    import torch
+
+    k, n = x.shape[-1], w16.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _loaded()[0].deepport_linear_bf16(x2.shape[0], n, k, x2.data_ptr(), w16.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)

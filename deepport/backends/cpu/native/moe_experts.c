@@ -24,14 +24,23 @@
 
 #define TOKENS 4 /* tokens an expert's rows are read for at once */
 
-/* A weight matrix row: fp32 values, or e4m3 codes with the scales of its row block (one per 128 columns). */
+/* Weight formats (q): fp32 values, e4m3fn codes with 128x128 block scales, or bf16 values (exact in fp32). */
+enum { F32 = 0, E4M3 = 1, BF16 = 2 };
+
+/* A weight matrix row: fp32 or bf16 values, or e4m3 codes with the scales of its row block (one per 128 columns). */
 typedef struct {
     const void *p;
     const float *s; /* fp8: scale of each K block of this row */
 } row_t;
 
-INLINE vf wv(row_t r, int64_t j, int q) { return q ? ld_e4m3((const uint8_t *)r.p + j) : ld((const float *)r.p + j); }
-INLINE float w1s(row_t r, int64_t j, int q) { return q ? e4m3(((const uint8_t *)r.p)[j]) : ((const float *)r.p)[j]; }
+INLINE vf wv(row_t r, int64_t j, int q) {
+    return q == E4M3 ? ld_e4m3((const uint8_t *)r.p + j)
+                     : q == BF16 ? ld_bf16((const uint16_t *)r.p + j) : ld((const float *)r.p + j);
+}
+INLINE float w1s(row_t r, int64_t j, int q) {
+    return q == E4M3 ? e4m3(((const uint8_t *)r.p)[j])
+                     : q == BF16 ? bf16(((const uint16_t *)r.p)[j]) : ((const float *)r.p)[j];
+}
 
 /* out[r * TOKENS + t] += rows[r] . xs[t] over columns [j0, j1), scaled by the rows' block scale (fp8), for
    NR rows and NT tokens with NR * NT <= 8 (accumulators in registers). */
@@ -51,12 +60,12 @@ INLINE void block(const row_t *r, int nr, const float *const *xs, int nt, int64_
         for (int t = 0; t < nt; t++) {
             float s = hsum(a[i * nt + t]);
             for (int64_t jj = j; jj < j1; jj++) s += w1s(r[i], jj, q) * xs[t][jj];
-            out[i * TOKENS + t] += q ? s * r[i].s[kb] : s;
+            out[i * TOKENS + t] += q == E4M3 ? s * r[i].s[kb] : s;
         }
 }
 
 INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, int64_t k, int q, float *out) {
-    int64_t step = q ? 128 : k;
+    int64_t step = q == E4M3 ? 128 : k;
     for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++)
         block(r, nr, xs, nt, j0, j0 + step < k ? j0 + step : k, kb, q, out);
 }
@@ -64,11 +73,13 @@ INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, i
 /* Dot products of 4 rows with nt (<= TOKENS) tokens: out[r * TOKENS + t] (rows past nr are copies, unwritten). */
 static void dots(const row_t r[4], int nr, const float *const xs[TOKENS], int nt, int64_t k, int q, float *out) {
     memset(out, 0, 4 * TOKENS * sizeof(float));
-    if (nt <= 2) {
-        if (q) {
-            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, 1, out); else dots_nr_nt(r, 4, xs, 2, k, 1, out);
+    if (nt <= 2) { /* each (format, tokens) pair its own inlined loop: constants the compiler unrolls */
+        if (q == E4M3) {
+            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, E4M3, out); else dots_nr_nt(r, 4, xs, 2, k, E4M3, out);
+        } else if (q == BF16) {
+            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, BF16, out); else dots_nr_nt(r, 4, xs, 2, k, BF16, out);
         } else {
-            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, 0, out); else dots_nr_nt(r, 4, xs, 2, k, 0, out);
+            if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, F32, out); else dots_nr_nt(r, 4, xs, 2, k, F32, out);
         }
         return;
     }
@@ -77,14 +88,17 @@ static void dots(const row_t r[4], int nr, const float *const xs[TOKENS], int nt
     for (int h = 0; h < nr; h += 2) {
         row_t r2[2] = {r[h], r[h + 1 < nr ? h + 1 : h]};
         float o[2 * TOKENS] = {0};
-        if (q) dots_nr_nt(r2, 2, x4, 4, k, 1, o); else dots_nr_nt(r2, 2, x4, 4, k, 0, o);
+        if (q == E4M3) dots_nr_nt(r2, 2, x4, 4, k, E4M3, o);
+        else if (q == BF16) dots_nr_nt(r2, 2, x4, 4, k, BF16, o);
+        else dots_nr_nt(r2, 2, x4, 4, k, F32, o);
         memcpy(out + h * TOKENS, o, (h + 1 < nr ? 2 : 1) * TOKENS * sizeof(float));
     }
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* A stacked expert weight [E, N, K]: fp32, or e4m3 codes with scales [E, ceil(N/128), ceil(K/128)]. */
+/* A stacked weight [E, N, K] (a linear layer's: E = 1): fp32, bf16, or e4m3 codes with scales
+   [E, ceil(N/128), ceil(K/128)]. */
 typedef struct {
     const void *w;
     const float *s;
@@ -94,10 +108,10 @@ typedef struct {
 
 static row_t row(mat_t m, int64_t e, int64_t n) {
     row_t r;
-    size_t esz = m.q ? 1 : sizeof(float);
+    size_t esz = m.q == E4M3 ? 1 : m.q == BF16 ? 2 : sizeof(float);
     r.p = (const char *)m.w + ((size_t)(e * m.n + n) * (size_t)m.k) * esz;
     int64_t nb = (m.n + 127) / 128, kb = (m.k + 127) / 128;
-    r.s = m.q ? m.s + (e * nb + n / 128) * kb : NULL;
+    r.s = m.q == E4M3 ? m.s + (e * nb + n / 128) * kb : NULL;
     return r;
 }
 
@@ -216,7 +230,7 @@ done:
 int deepport_moe_experts_f32(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x,
                              const int64_t *ids, const float *wts, const float *w1, const float *w3,
                              const float *w2, float *y) {
-    mat_t a = {w1, NULL, inter, d, 0}, b = {w3, NULL, inter, d, 0}, c = {w2, NULL, d, inter, 0};
+    mat_t a = {w1, NULL, inter, d, F32}, b = {w3, NULL, inter, d, F32}, c = {w2, NULL, d, inter, F32};
     return run(m, d, inter, k, e, x, ids, wts, a, b, c, y);
 }
 
@@ -225,31 +239,50 @@ int deepport_moe_experts_f32(int64_t m, int64_t d, int64_t inter, int64_t k, int
 int deepport_moe_experts_e4m3(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const float *x,
                               const int64_t *ids, const float *wts, const uint8_t *w1, const float *s1,
                               const uint8_t *w3, const float *s3, const uint8_t *w2, const float *s2, float *y) {
-    mat_t a = {w1, s1, inter, d, 1}, b = {w3, s3, inter, d, 1}, c = {w2, s2, d, inter, 1};
+    mat_t a = {w1, s1, inter, d, E4M3}, b = {w3, s3, inter, d, E4M3}, c = {w2, s2, d, inter, E4M3};
     return run(m, d, inter, k, e, x, ids, wts, a, b, c, y);
+}
+
+/* Rows [c0, c0 + 4) of y for tokens t0 .. t0 + nt. */
+static void linear_rows(mat_t a, const float *const xs[TOKENS], int nt, int64_t t0, int64_t c, float *y) {
+    int64_t n = a.n;
+    float o[4 * TOKENS];
+    int nr = n - c < 4 ? (int)(n - c) : 4;
+    row_t r[4];
+    for (int i = 0; i < 4; i++) r[i] = row(a, 0, c + (i < nr ? i : nr - 1));
+    dots(r, nr, xs, nt, a.k, a.q, o);
+    for (int i = 0; i < nr; i++)
+        for (int t = 0; t < nt; t++) y[(t0 + t) * n + c + i] = o[i * TOKENS + t];
+}
+
+static int linear(int64_t m, mat_t a, const float *x, float *y) {
+    int64_t n = a.n, k = a.k;
+    int wide = threads() > 1 && n * k >= PARALLEL_MIN_WEIGHTS;
+    for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
+        int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
+        const float *xs[TOKENS];
+        for (int t = 0; t < TOKENS; t++) xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * k;
+        if (wide) {
+#pragma omp parallel for schedule(static)
+            for (int64_t c = 0; c < n; c += 4) linear_rows(a, xs, nt, t0, c, y);
+        } else {
+            for (int64_t c = 0; c < n; c += 4) linear_rows(a, xs, nt, t0, c, y);
+        }
+    }
+    return 0;
 }
 
 /* y [m, n] = x [m, k] w^T for w given as e4m3fn codes [n, k] with fp32 scales [ceil(n/128), ceil(k/128)]: a
    linear layer of an FP8 checkpoint read as its codes (a quarter of the fp32 bytes), rows in fours, tokens in
    blocks of up to TOKENS. Returns 0. */
 int deepport_linear_e4m3(int64_t m, int64_t n, int64_t k, const float *x, const uint8_t *w, const float *s, float *y) {
-    mat_t a = {w, s, n, k, 1};
-    int wide = threads() > 1 && n * k >= PARALLEL_MIN_WEIGHTS;
-    (void)wide; /* read by the OpenMP clause only */
-    for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
-        int nt = m - t0 < TOKENS ? (int)(m - t0) : TOKENS;
-        const float *xs[TOKENS];
-        for (int t = 0; t < TOKENS; t++) xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * k;
-#pragma omp parallel for schedule(static) if (wide)
-        for (int64_t c = 0; c < n; c += 4) {
-            float o[4 * TOKENS];
-            int nr = n - c < 4 ? (int)(n - c) : 4;
-            row_t r[4];
-            for (int i = 0; i < 4; i++) r[i] = row(a, 0, c + (i < nr ? i : nr - 1));
-            dots(r, nr, xs, nt, k, 1, o);
-            for (int i = 0; i < nr; i++)
-                for (int t = 0; t < nt; t++) y[(t0 + t) * n + c + i] = o[i * TOKENS + t];
-        }
-    }
-    return 0;
+    mat_t a = {w, s, n, k, E4M3};
+    return linear(m, a, x, y);
+}
+
+/* As deepport_linear_e4m3 for w given as bf16 values [n, k] (a bf16 checkpoint's weight served as fp32: half the
+   bytes, and each value exact in fp32). Returns 0. */
+int deepport_linear_bf16(int64_t m, int64_t n, int64_t k, const float *x, const uint16_t *w, float *y) {
+    mat_t a = {w, NULL, n, k, BF16};
+    return linear(m, a, x, y);
 }

@@ -16,6 +16,7 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef int8_t vc __attribute__((vector_size(VW)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -55,6 +56,28 @@ INLINE vf ld_e4m3(const uint8_t *p) {
     memcpy(&f, &bits, sizeof f);
     return f * 0x1p120f;
 #endif
+}
+
+/* VW bf16 values as fp32: each the upper half of its fp32 (exact). */
+INLINE vf ld_bf16(const uint16_t *p) {
+#if defined(__AVX2__)
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu bits = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+INLINE float bf16(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 INLINE float e4m3(uint8_t c) {
