@@ -346,26 +346,30 @@ def test_rope_rotation_cache_is_per_table_pair():
 def test_decode_weight_bytes_counts_expected_experts():
     from deepport import bench_compare
 
-    from deepport.core.checkpoint import fp8_codes_of
+    from deepport.core.checkpoint import bf16_of, fp8_codes_of
 
     m = deepport.load(backend="cpu")
     a = m.transformer.args
 
-    def read(p):  # the routed experts are read as the fp8 codes (and scales) load kept for the C kernel
-        c = fp8_codes_of(p)
-        return p.numel() * p.element_size() if c is None else c.weight.numel() + 4 * c.scale_inv.numel()
+    def read(p):  # the routed experts are read as the fp8 codes (and scales) load kept for the C kernel, the head
+        c = fp8_codes_of(p)  # as its bf16 values
+        if c is not None:
+            return c.weight.numel() + 4 * c.scale_inv.numel()
+        return p.numel() * (2 if bf16_of(p) is not None else p.element_size())
 
     params = {n: read(p) for n, p in m.transformer.named_parameters()}
     assert sum(fp8_codes_of(p) is not None for p in m.transformer.parameters()) > 0
+    assert bf16_of(m.transformer.head.weight) is not None
     experts = sum(v for n, v in params.items() if ".experts." in n and not n.startswith("mtp."))
     other = sum(v for n, v in params.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
     stored = {n: p.numel() * p.element_size() for n, p in m.transformer.named_parameters()}
     experts_stored = sum(v for n, v in stored.items() if ".experts." in n and not n.startswith("mtp."))
+    other_stored = sum(v for n, v in stored.items() if ".experts." not in n and not n.startswith(("mtp.", "embed.")))
     for batch in (1, 8):
         frac = 1 - (1 - a.n_activated_experts / a.n_routed_experts) ** batch
         assert bench_compare.decode_weight_bytes(m.transformer, batch) == pytest.approx(other + experts * frac, rel=1e-6)
         assert bench_compare.decode_weight_bytes(m.transformer, batch, codes=False) == pytest.approx(
-            other + experts_stored * frac, rel=1e-6)  # the dequantised weights, as transformers reads them
+            other_stored + experts_stored * frac, rel=1e-6)  # the dequantised weights, as transformers reads them
 
 
 @pytest.mark.slow
