@@ -302,14 +302,15 @@ class Transformer(nn.Module):
         (an MTP draft runs at the positions its verification just ran at)."""
         page = cache.block_size
         pos = start.long().unsqueeze(1) + torch.arange(s, device=start.device)  # [B, S]
-        key = (starts, s, pos.device)
-        memo = self.__dict__.get("_rope_memo")
-        if starts is not None and memo is not None and memo[0] == key and not torch.compiler.is_compiling():
-            cos, sin = memo[1], memo[2]
+        if starts is not None and not torch.compiler.is_compiling():  # eager only: a traced step reads no memo
+            key, memo = (starts, s, pos.device), self.__dict__.get("_rope_memo")
+            if memo is not None and memo[0] == key:
+                cos, sin = memo[1], memo[2]
+            else:
+                cos, sin = self.rope_tables(pos)
+                self._rope_memo = (key, cos, sin)
         else:
             cos, sin = self.rope_tables(pos)
-            if starts is not None and not torch.compiler.is_compiling():
-                self._rope_memo = (key, cos, sin)
         slots = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
         return AttnContext(cos, sin, cache, rows, slots, block_table, (start + s).to(torch.int32), fresh=False)
 

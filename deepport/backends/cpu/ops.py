@@ -219,7 +219,8 @@ def linear(x, w):
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
     if w.numel() >= CODES_MIN_WEIGHTS and x.numel() <= _NATIVE_MAX_TOKENS * x.shape[-1] \
-            and x.shape[-1] == w.shape[-1]:  # load kept codes (a K mismatch goes on to torch's shape error)
+            and x.shape[-1] == w.shape[-1] and not torch.compiler.is_compiling():
+        # load kept codes or bf16 values (a K mismatch goes on to torch's shape error; a traced step reads neither)
         codes = fp8_codes_of(w)
         if codes is not None and _native_linear(x):
             return native.linear_e4m3(x, codes)
