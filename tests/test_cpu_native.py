@@ -95,6 +95,7 @@ def test_greedy_tokens_and_logits_with_and_without_the_kernel(monkeypatch):
     with_c = m.generate_batch(prompts, max_new_tokens=16)
     logits_c = m.logits(ids)
     monkeypatch.setattr(cpu, "_use_native", lambda *a: False)
+    monkeypatch.setattr(cpu, "_native_rms", lambda *a: False)
     without = m.generate_batch(prompts, max_new_tokens=16)
     assert [r.tokens for r in with_c] == [r.tokens for r in without]
     torch.testing.assert_close(logits_c, m.logits(ids), rtol=1e-4, atol=1e-4)
@@ -280,6 +281,10 @@ def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
         args = _attention_case(3, 2, 2, 5, 33, 7, 4, [3, 9])
         want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in args), 0.125)
         torch.testing.assert_close(native.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)
+        xn, rn, wn = torch.randn(3, 37), torch.randn(3, 37), torch.rand(37) + 0.5
+        y, r = native.rms_norm(xn, wn, 1e-6, rn)
+        want = ref.rms_norm(xn.double(), wn.double(), 1e-6, rn.double())
+        torch.testing.assert_close(y.double(), want[0], rtol=1e-5, atol=1e-6)
         w16, xl = torch.randn(70, 300).bfloat16(), torch.randn(3, 300)
         torch.testing.assert_close(native.linear_bf16(xl, w16).double(), xl.double() @ w16.double().T, rtol=1e-5,
                                    atol=1e-5)
@@ -296,6 +301,36 @@ def test_an_unwritable_cache_leaves_the_torch_paths_and_says_where(monkeypatch, 
         assert "cannot write the build to" in native.status() and "DEEPPORT_CACHE" in native.status()
     finally:
         native._loaded.cache_clear()
+
+
+# widths off the 8-lane vectors, V3's dim, one to sixteen rows; rows of near-zero (eps decides) and very large values
+@pytest.mark.parametrize("m,d", [(1, 256), (2, 37), (16, 7168), (3, 1536)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_c_rms_norm_matches_cpu_ref(m, d, residual):
+    g = torch.Generator().manual_seed(m * d + residual)
+    x = torch.randn(m, d, generator=g) * torch.tensor([1e-4, 3e4, 1.0, 0.5] * 4)[:m].view(-1, 1)
+    w = torch.randn(d, generator=g) * 0.2 + 1
+    res = torch.randn(m, d, generator=g) if residual else None
+    want = ref.rms_norm(x.double(), w.double(), 1e-6, None if res is None else res.double())
+    got = native.rms_norm(x.view(1, m, d), w, 1e-6, None if res is None else res.view(1, m, d))
+    if residual:
+        assert torch.equal(got[1].view(m, d), x + res)  # r = x + residual, the fp32 sum
+        got, want = got[0], want[0]
+    assert got.shape == (1, m, d)
+    torch.testing.assert_close(got.view(m, d).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_op_uses_the_c_norm_up_to_16_rows_without_grad(monkeypatch):
+    calls = []
+    real = native.rms_norm
+    monkeypatch.setattr(native, "rms_norm", lambda x, *a: calls.append(x.numel() // x.shape[-1]) or real(x, *a))
+    w = torch.rand(64) + 0.5
+    for rows in (1, 16, 17):
+        y, r = cpu.rms_norm(torch.randn(rows, 64), w, 1e-6, torch.randn(rows, 64))
+        assert y.shape == r.shape == (rows, 64)
+    cpu.rms_norm(torch.randn(2, 64, requires_grad=True), w, 1e-6)  # training: torch's path (autograd)
+    cpu.rms_norm(torch.randn(2, 64).bfloat16(), w.bfloat16(), 1e-6)  # bf16: torch's path
+    assert calls == [1, 16]
 
 
 def test_bf16_serving_keeps_no_codes_it_would_not_read():

@@ -38,7 +38,8 @@ def _keeps_fp8_codes(dtype: str) -> bool:
 def _sources() -> dict:
     from deepport.backends.cpu import native
 
-    return {"rms_norm": "torch layer_norm on [x ; -x] (fp32; + fused residual add)", "rope": "torch complex product (in reals under torch.compile)",
+    return {"rms_norm": "up to 16 fp32 rows: one C call with the residual add; else torch layer_norm on [x ; -x] "
+                        "(fp32; + fused residual add)", "rope": "torch complex product (in reals under torch.compile)",
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
             "linear": "torch F.linear (fp8: act_quant + fp8_gemm); FP8 checkpoints' weights of 2^18+: C on their codes; "
                       "bf16 weights of 2^18+ served as fp32 (the lm_head), 1-2 rows: C on their bf16 values",

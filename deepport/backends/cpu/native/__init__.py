@@ -2,11 +2,12 @@
 
 A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
 model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
-codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), and linear layers of
+codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), RMSNorm with its
+residual add (5 calls, 25 norms a step), and linear layers of
 1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes) or of bf16
 weights served as fp32 (the bf16 values: half the bytes; an FP8 checkpoint's lm_head). A ctypes call
 costs ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
-(moe_experts.c, moe_route.c, mla_decode.c, simd.h) ship in the package; the first use compiles them (`cc -O3
+(moe_experts.c, moe_route.c, mla_decode.c, rms_norm.c, simd.h) ship in the package; the first use compiles them (`cc -O3
 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
 CPU, so an upgrade or another machine rebuilds. Where torch runs on GNU OpenMP (its Linux wheels) they are built
 with -fopenmp and split large work across torch's own threads (torch.set_num_threads, `--threads`); elsewhere
@@ -33,7 +34,7 @@ from deepport.core import settings
 MAX_TOKENS = 16
 
 _HERE = Path(__file__).parent
-_SOURCES = ("moe_experts.c", "moe_route.c", "mla_decode.c")  # with simd.h: one library
+_SOURCES = ("moe_experts.c", "moe_route.c", "mla_decode.c", "rms_norm.c")  # with simd.h: one library
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")  # gnu: a * b + c may fuse into an FMA (ISO C forbids it)
 
 
@@ -122,6 +123,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
+    dll.deepport_rms_norm.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + \
+        [ctypes.c_void_p] * 2
+    dll.deepport_rms_norm.restype = ctypes.c_int
     dll.deepport_linear_bf16.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     dll.deepport_linear_bf16.restype = ctypes.c_int
     dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
@@ -258,3 +262,19 @@ def linear_bf16(x, w16):
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     _loaded()[0].deepport_linear_bf16(x2.shape[0], n, k, x2.data_ptr(), w16.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """RMSNorm of fp32 x [..., D] through the C kernel (rms_norm.c): y, or (y, x + residual) with a residual, as the
+    rms_norm contract. The caller checks eligibility (fp32 CPU tensors, matching shapes, no grad, not tracing)."""
+    import torch
+
+    d, fn = x.shape[-1], _loaded()[0].deepport_rms_norm
+    xc, w = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(xc)  # (torch.empty of a torch.Size costs a microsecond more: 25 norms a step)
+    if residual is None:
+        fn(xc.numel() // d, d, xc.data_ptr(), None, w.data_ptr(), eps, y.data_ptr(), None)
+        return y
+    rc, r = residual.contiguous(), torch.empty_like(xc)
+    fn(xc.numel() // d, d, xc.data_ptr(), rc.data_ptr(), w.data_ptr(), eps, y.data_ptr(), r.data_ptr())
+    return y, r
