@@ -165,29 +165,34 @@ def test_every_e4m3_code_reads_as_its_value():
 def test_c_routing_picks_what_cpu_ref_picks(e, groups, topk_groups, k, m):
     g = torch.Generator().manual_seed(e + m)
     x, w, bias = torch.randn(m, 64, generator=g), torch.randn(e, 64, generator=g), torch.randn(e, generator=g) * 0.01
-    want_w, want_ids = ref.moe_gate(x, w, bias, groups, topk_groups, k, 2.5)
-    got_w, got_ids = cpu.moe_gate(x, w, bias, groups, topk_groups, k, 2.5)
-    assert torch.equal(got_ids, want_ids)
-    torch.testing.assert_close(got_w, want_w.float(), rtol=1e-5, atol=1e-6)
+    for norm in (True, False):
+        want_w, want_ids = ref.moe_gate(x, w, bias, groups, topk_groups, k, 2.5, norm)
+        got_w, got_ids = cpu.moe_gate(x, w, bias, groups, topk_groups, k, 2.5, norm)
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w.float(), rtol=1e-5, atol=1e-6)
     # exact ties (equal biased scores, equal group sums) go to the lower index, as the host selection picks
     biased = torch.sigmoid(x @ w.T) + bias
     biased[:, 3] = biased[:, 1]
     biased[:, e - 1] = biased[:, 0]
     if groups >= 2:
         biased[:, e // groups: 2 * (e // groups)] = biased[:, : e // groups]  # groups 0 and 1: equal sums
-    assert torch.equal(native.moe_route(biased, groups, topk_groups, k),
-                       cpu._route_on_host(biased, groups, topk_groups, k))
+    want = cpu._route_on_host(biased, groups, topk_groups, k)
+    assert torch.equal(native.moe_route(biased, groups, topk_groups, k), want)
+    tail_w, tail_ids = native.moe_gate_tail(biased, torch.zeros(e), groups, topk_groups, k, 2.5, True)  # same ties
+    assert torch.equal(tail_ids, want)
+    torch.testing.assert_close(tail_w, biased.gather(1, want) * (2.5 / biased.gather(1, want).sum(-1, keepdim=True)))
 
 
-def test_gate_routes_in_c_up_to_16_tokens(monkeypatch):
+def test_gate_routes_in_c_up_to_16_tokens_without_grad(monkeypatch):
     calls = []
-    real = native.moe_route
-    monkeypatch.setattr(native, "moe_route", lambda b, *a: calls.append(b.shape[0]) or real(b, *a))
+    real = native.moe_gate_tail
+    monkeypatch.setattr(native, "moe_gate_tail", lambda s, *a: calls.append(s.shape[0]) or real(s, *a))
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(16, 32, generator=g), torch.zeros(16)
     for m in (1, 16, 17):
         cpu.moe_gate(torch.randn(m, 32, generator=g), w, bias, 4, 2, 4, 1.0)
-    assert calls == [1, 16]
+    weights, _ = cpu.moe_gate(torch.randn(2, 32, generator=g, requires_grad=True), w, bias, 4, 2, 4, 1.0)
+    assert calls == [1, 16] and weights.requires_grad  # training: torch's path, the weights keep their gradient
 
 
 def _attention_case(seed, b, s, h, c, r, p, lens, nb=32):
@@ -278,6 +283,8 @@ def test_the_portable_build_matches_cpu_ref(monkeypatch, tmp_path):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         biased = torch.rand(5, 16)
         assert torch.equal(native.moe_route(biased, 4, 2, 4), cpu._route_on_host(biased, 4, 2, 4))
+        assert torch.equal(native.moe_gate_tail(biased, torch.zeros(16), 4, 2, 4, 1.0, True)[1],
+                           cpu._route_on_host(biased, 4, 2, 4))
         args = _attention_case(3, 2, 2, 5, 33, 7, 4, [3, 9])
         want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in args), 0.125)
         torch.testing.assert_close(native.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)

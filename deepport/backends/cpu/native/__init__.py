@@ -123,6 +123,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
+    dll.deepport_moe_gate_tail.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_int64] \
+        + [ctypes.c_void_p] * 2
+    dll.deepport_moe_gate_tail.restype = ctypes.c_int
     dll.deepport_rms_norm.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + \
         [ctypes.c_void_p] * 2
     dll.deepport_rms_norm.restype = ctypes.c_int
@@ -217,6 +220,20 @@ def moe_route(biased, n_groups: int, topk_groups: int, topk: int):
     ids = torch.empty(m, topk, dtype=torch.int64)
     _loaded()[0].deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
     return ids
+
+
+def moe_gate_tail(scores, bias, n_groups: int, topk_groups: int, topk: int, route_scale: float, norm: bool):
+    """(weights [M, topk] fp32, ids [M, topk] int64) from sigmoid scores [M, E] and the correction bias [E] through
+    moe_route.c (bias add, selection, weights) in one call; the caller checks as for moe_route, bias fp32."""
+    import torch
+
+    s, b = scores.contiguous(), bias.contiguous()
+    m, e = s.shape
+    ids = torch.empty(m, topk, dtype=torch.int64)
+    w = torch.empty(m, topk, dtype=torch.float32)
+    _loaded()[0].deepport_moe_gate_tail(m, e, n_groups, topk_groups, topk, s.data_ptr(), b.data_ptr(), route_scale,
+                                        int(norm), ids.data_ptr(), w.data_ptr())
+    return w, ids
 
 
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):

@@ -17,32 +17,55 @@ static int64_t best(const float *v, const unsigned char *taken, int64_t n) {
 
 /* biased [m, e]; ids [m, topk] (written). e % n_groups == 0, topk_groups <= n_groups, topk <= topk_groups *
    e / n_groups, e <= 1024 and n_groups <= 1024 (checked by the caller). Returns 0. */
+/* The selection of one token from its biased scores b [e] into ids [topk]. */
+static void route_one(const float *b, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk, int64_t *ids) {
+    int64_t g = e / n_groups;
+    unsigned char blocked[1024] = {0}; /* experts outside the kept groups, or already picked */
+    if (n_groups > 1) {
+        float sums[1024];
+        unsigned char used[1024] = {0};
+        for (int64_t i = 0; i < n_groups; i++) {
+            unsigned char none[1024] = {0};
+            int64_t a = best(b + i * g, none, g);
+            none[a] = 1;
+            int64_t c = g > 1 ? best(b + i * g, none, g) : -1;
+            sums[i] = c < 0 ? b[i * g + a] : b[i * g + a] + b[i * g + c];
+        }
+        for (int64_t k = 0; k < topk_groups; k++) used[best(sums, used, n_groups)] = 1;
+        for (int64_t i = 0; i < n_groups; i++)
+            if (!used[i])
+                for (int64_t j = 0; j < g; j++) blocked[i * g + j] = 1;
+    }
+    for (int64_t k = 0; k < topk; k++) {
+        int64_t j = best(b, blocked, e);
+        ids[k] = j;
+        blocked[j] = 1;
+    }
+}
+
 int deepport_moe_route(int64_t m, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk,
                        const float *biased, int64_t *ids) {
-    int64_t g = e / n_groups;
+    for (int64_t t = 0; t < m; t++) route_one(biased + t * e, e, n_groups, topk_groups, topk, ids + t * topk);
+    return 0;
+}
+
+/* The gate after its scores, in one call: from sigmoid scores [m, e] and the correction bias [e], biased = scores +
+   bias (one fp32 add, as torch's), the selection above into ids [m, topk], and the weights [m, topk]: the chosen
+   experts' unbiased scores times route_scale, divided by their sum when norm (route_scale / sum in fp32, then one
+   multiply, as the torch path computes them; the sum in top-k order). Same limits as deepport_moe_route. */
+int deepport_moe_gate_tail(int64_t m, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk,
+                           const float *scores, const float *bias, float route_scale, int64_t norm, int64_t *ids,
+                           float *weights) {
+    float biased[1024];
     for (int64_t t = 0; t < m; t++) {
-        const float *b = biased + t * e;
-        unsigned char blocked[1024] = {0}; /* experts outside the kept groups, or already picked */
-        if (n_groups > 1) {
-            float sums[1024];
-            unsigned char used[1024] = {0};
-            for (int64_t i = 0; i < n_groups; i++) {
-                unsigned char none[1024] = {0};
-                int64_t a = best(b + i * g, none, g);
-                none[a] = 1;
-                int64_t c = g > 1 ? best(b + i * g, none, g) : -1;
-                sums[i] = c < 0 ? b[i * g + a] : b[i * g + a] + b[i * g + c];
-            }
-            for (int64_t k = 0; k < topk_groups; k++) used[best(sums, used, n_groups)] = 1;
-            for (int64_t i = 0; i < n_groups; i++)
-                if (!used[i])
-                    for (int64_t j = 0; j < g; j++) blocked[i * g + j] = 1;
-        }
-        for (int64_t k = 0; k < topk; k++) {
-            int64_t j = best(b, blocked, e);
-            ids[t * topk + k] = j;
-            blocked[j] = 1;
-        }
+        const float *st = scores + t * e;
+        for (int64_t j = 0; j < e; j++) biased[j] = st[j] + bias[j];
+        int64_t *it = ids + t * topk;
+        route_one(biased, e, n_groups, topk_groups, topk, it);
+        float *wt = weights + t * topk, sum = 0.0f;
+        for (int64_t k = 0; k < topk; k++) sum += wt[k] = st[it[k]];
+        float f = norm ? route_scale / sum : route_scale;
+        for (int64_t k = 0; k < topk; k++) wt[k] *= f;
     }
     return 0;
 }
