@@ -167,6 +167,6 @@ def print_comparison(report: dict) -> None:
           f"deepport at {w['deepport_fraction_of_limit']:.2f} of it")
     if w["dequantised_weight_bytes_per_step"] != w["decode_weight_bytes_per_step"]:
         print(f"  (deepport reads the fp8 codes (and bf16 head) kept for its kernels; the weights as dequantised, "
-              f"which transformers reads, are {w['dequantised_weight_bytes_per_step'] / 1e6:.1f} MB a step: deepport at "
-              f"{w['deepport_fraction_of_dequantised_limit']:.2f} of that limit)")
+              f"which transformers reads, are {w['dequantised_weight_bytes_per_step'] / 1e6:.1f} MB a step: "
+              f"deepport at {w['deepport_fraction_of_dequantised_limit']:.2f} of that limit)")
     print(f"greedy tokens equal: {c['greedy_tokens_equal']}")

@@ -41,8 +41,8 @@ def _sources() -> dict:
     return {"rms_norm": "up to 16 fp32 rows: one C call with the residual add; else torch layer_norm on [x ; -x] "
                         "(fp32; + fused residual add)", "rope": "torch complex product (in reals under torch.compile)",
             "act_quant": "torch", "weight_dequant": "torch", "fp8_gemm": "torch bmm per 128-K block",
-            "linear": "torch F.linear (fp8: act_quant + fp8_gemm); FP8 checkpoints' weights of 2^18+: C on their codes; "
-                      "bf16 weights of 2^18+ served as fp32 (the lm_head), 1-2 rows: C on their bf16 values",
+            "linear": "torch F.linear (fp8: act_quant + fp8_gemm); FP8 checkpoints' weights of 2^18+: C on their "
+                      "codes; bf16 weights of 2^18+ served as fp32 (the lm_head), 1-2 rows: C on their bf16 values",
             "mla_prefill": "torch scaled_dot_product_attention",
             "mla_decode": "one C call over the paged latent cache (on one thread, or on torch's threads in an OpenMP "
                           "build); else torch batched gather + bmm",

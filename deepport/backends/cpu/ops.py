@@ -1,4 +1,6 @@
-"""cpu: every op contract written for speed on x86 and ARM CPUs with torch's own kernels.
+"""cpu: every op contract written for speed on x86 and ARM CPUs with torch's own kernels and, for decode-sized
+work, C kernels built at first use (backends/cpu/native: MoE layer, gate tail, MLA decode, RMSNorm, linears that
+read fp8 codes or bf16 values; each rule below says when).
 
 Few torch calls per op (a 12M-parameter model's decode is bound by the number of calls, a 671B's by weight
 streaming): SDPA for prefill, one batched gather + two bmm for paged decode (no per-sequence loop, no host
@@ -49,9 +51,9 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def _native_rms(x, weight, residual) -> bool:
-    """The C norm (one call instead of an add and four torch calls; decode steps 7-10% faster on the embedded
-    model, docs/performance.md "Ninth session") for up to native.MAX_TOKENS rows of fp32 CPU tensors that need no
-    grad, outside tracing; more rows (prefill) stay with torch's kernel."""
+    """The C norm (one call instead of an add and four torch calls; embedded-model decode steps +3.8% at batch 8,
+    +6.8% at batch 1, docs/performance.md "Ninth session") for up to native.MAX_TOKENS rows of fp32 CPU tensors that
+    need no grad, outside tracing; more rows (prefill) stay with torch's kernel."""
     return (x.numel() <= native.MAX_TOKENS * x.shape[-1] and weight.dtype == F32 and x.is_cpu
             and (residual is None or residual.dtype == F32) and not torch.compiler.is_compiling()
             and not (x.requires_grad or weight.requires_grad or (residual is not None and residual.requires_grad))
@@ -249,8 +251,9 @@ _BF16_MAX_ROWS = 2
 
 
 def _native_linear(x) -> bool:
-    """An FP8 checkpoint's large weight read as its codes in C (or a bf16 weight as its bf16 values): fp32 CPU x that needs no grad, outside tracing,
-    on one thread or in a parallel build (MKL splits large GEMVs across threads; a serial build does not)."""
+    """An FP8 checkpoint's large weight read as its codes in C (a bf16 weight as its bf16 values): fp32 CPU x that
+    needs no grad, outside tracing, on one thread or in a parallel build (MKL splits large GEMVs across threads; a
+    serial build does not)."""
     return (x.dtype == F32 and x.device.type == "cpu" and not x.requires_grad and not torch.compiler.is_compiling()
             and native.available() and native.threads_ok())
 

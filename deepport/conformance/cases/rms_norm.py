@@ -37,7 +37,8 @@ def cases(tier):
                         ("huge_rows", (3,), 2048, False, None, _HUGE), ("huge_rows_fp32in", (3,), 2048, True, f32, _HUGE)],
               "full": [("dim", (4,), 7168, False, None, None), ("dim_residual", (4,), 7168, True, None, None),
                        ("qlora", (2, 3), 1536, False, None, None), ("kvlora", (2, 3), 512, False, None, None),
-                       ("dim_fp32in", (4,), 7168, True, f32, None), ("qlora_decode_1_fp32in", (1,), 1536, False, f32, None),
+                       ("dim_fp32in", (4,), 7168, True, f32, None),
+                       ("qlora_decode_1_fp32in", (1,), 1536, False, f32, None),
                        ("tiny_rows", (4,), 7168, False, None, _TINY),
                        ("huge_rows", (3,), 7168, True, None, _HUGE)]}[tier]
     out = []

@@ -1,19 +1,20 @@
 """The cpu backend's C kernels: built once per machine with the system C compiler, loaded through ctypes.
 
-A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded
-model's MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert
-codes, a quarter of the bytes), the expert selection (~9 calls), MLA decode (~20 calls), RMSNorm with its
-residual add (5 calls, 25 norms a step), and linear layers of
-1 MiB or more of an FP8 checkpoint (their codes: memory-bound GEMVs read a quarter of the bytes) or of bf16
-weights served as fp32 (the bf16 values: half the bytes; an FP8 checkpoint's lm_head). A ctypes call
-costs ~5 us, so ops of a few torch calls stay in torch (measured, docs/performance.md "Eighth session"). The sources
-(moe_experts.c, moe_route.c, mla_decode.c, rms_norm.c, simd.h) ship in the package; the first use compiles them (`cc -O3
--march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources, the compiler and the
-CPU, so an upgrade or another machine rebuilds. Where torch runs on GNU OpenMP (its Linux wheels) they are built
-with -fopenmp and split large work across torch's own threads (torch.set_num_threads, `--threads`); elsewhere
-they run on the calling thread, and the ops then call them on one thread only. No compiler, an unwritable cache or DEEPPORT_CPU_NATIVE=0: the
-torch paths run, a warning says why once a process (not for DEEPPORT_CPU_NATIVE=0), and `status()` says it in
-the op sources (`Model.op_sources()`). torch.compile's Inductor needs the same compiler.
+A kernel here replaces many torch calls by one where the calls cost more than the arithmetic: the embedded model's
+MoE layer (~45 torch calls for ~1.5 MB of weights at batch 1; it also reads an FP8 checkpoint's expert codes, a
+quarter of the bytes), the gate after its scores (selection and weights, ~14 calls), MLA decode (~20 calls), RMSNorm
+with its residual add (5 calls, 25 norms a step), and linear layers of 1 MiB or more of an FP8 checkpoint (their
+codes: memory-bound GEMVs read a quarter of the bytes) or of bf16 weights served as fp32 (the bf16 values: half the
+bytes; an FP8 checkpoint's lm_head). A ctypes call costs a few us, so each kernel replaces five torch calls or more,
+and each was kept on decode steps timed with and without it (docs/performance.md, "Eighth session" and "Ninth
+session"). The sources (moe_experts.c, moe_route.c, mla_decode.c, rms_norm.c, simd.h) ship in the package; the first
+use compiles them (`cc -O3 -march=native`, well under a second) into DEEPPORT_CACHE/native/, keyed by the sources,
+the compiler and the CPU, so an upgrade or another machine rebuilds. Where torch runs on GNU OpenMP (its Linux
+wheels) they are built with -fopenmp and split large work across torch's own threads (torch.set_num_threads,
+`--threads`); elsewhere they run on the calling thread, and the ops then call them on one thread only. No compiler,
+an unwritable cache or DEEPPORT_CPU_NATIVE=0: the torch paths run, a warning says why once a process (not for
+DEEPPORT_CPU_NATIVE=0), and `status()` says it in the op sources (`Model.op_sources()`). torch.compile's Inductor
+needs the same compiler.
 """
 from __future__ import annotations
 
@@ -123,8 +124,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
-    dll.deepport_moe_gate_tail.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_int64] \
-        + [ctypes.c_void_p] * 2
+    dll.deepport_moe_gate_tail.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
     dll.deepport_moe_gate_tail.restype = ctypes.c_int
     dll.deepport_rms_norm.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float] + \
         [ctypes.c_void_p] * 2
