@@ -211,8 +211,9 @@ def load_into(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, fp8:
     that are not positive and finite (core/weight_checks.py). `keep_fp8_codes` (fp8 weights dequantised to
     `dtype`): their e4m3fn codes and scales are kept too, as `param.fp8_codes` (an Fp8Weight of the same
     values) on the routed experts' stacked weights and on other weights of CODES_MIN_WEIGHTS or more, see
-    attach_fp8_codes; and with `dtype` fp32, bf16 linear weights of CODES_MIN_WEIGHTS or more (an FP8
-    checkpoint's lm_head) keep their bf16 values (`param.bf16_values`, see attach_bf16).
+    attach_fp8_codes; and with `dtype` fp32, bf16 linear weights of CODES_MIN_WEIGHTS or more outside the routed
+    experts (an FP8 checkpoint's lm_head; a BF16 checkpoint's large projections too) keep their bf16 values
+    (`param.bf16_values`, see attach_bf16; RAM: 2 bytes a weight more).
     """
     path = Path(path)
     args = model.args
