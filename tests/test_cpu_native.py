@@ -261,6 +261,19 @@ def test_the_parallel_build_runs_on_torchs_own_openmp_and_gives_one_threads_valu
     two = run()
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+    # the loops use torch's count, also when called from another Python thread (OpenMP's own default there would
+    # be the machine's core count, whatever torch.set_num_threads said)
+    import ctypes
+    import threading
+
+    used = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        worker = threading.Thread(target=lambda: (run(), used.append(
+            ctypes.c_int.in_dll(native._loaded()[0], "deepport_threads").value)))
+        worker.start()
+        worker.join()
+    assert used == [1, 2]
     want = ref.moe_experts(x.double(), w.double(), ids, w1.double(), w2.double(), w3.double())
     torch.testing.assert_close(two[1].double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two[2].double(), xl.double() @ lin_w[0].double().T, rtol=1e-5, atol=1e-5)

@@ -124,6 +124,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
+    dll.deepport_set_threads.argtypes = [ctypes.c_int64]
+    dll.deepport_set_threads.restype = ctypes.c_int
     dll.deepport_moe_gate_tail.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + \
         [ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
     dll.deepport_moe_gate_tail.restype = ctypes.c_int
@@ -147,6 +149,21 @@ def _loaded() -> tuple[ctypes.CDLL | None, str]:
         registry.warn(f"cpu backend: its C kernels are not in use: {how}; the torch paths run instead (slower "
                       f"decode; DEEPPORT_CPU_NATIVE=0 silences this)")
     return lib, how
+
+
+_TOLD = [None, 0]  # the library last told a thread count, and that count
+
+
+def _lib() -> ctypes.CDLL:
+    """The loaded library, told torch's thread count first whenever it changed (the parallel loops use it, from
+    whichever Python thread calls; see simd.h). The callers checked available()."""
+    import torch
+
+    lib, n = _loaded()[0], torch.get_num_threads()
+    if lib is not _TOLD[0] or n != _TOLD[1]:
+        lib.deepport_set_threads(n)
+        _TOLD[:] = lib, n
+    return lib
 
 
 def status() -> str:
@@ -194,7 +211,7 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
     wts = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     x, ids, wts = x.contiguous(), ids.contiguous(), wts.contiguous()
     y = torch.empty(m, d, dtype=torch.float32)
-    lib = _loaded()[0]
+    lib = _lib()
     head = (m, d, inter, ids.shape[1], e, x.data_ptr(), ids.data_ptr(), wts.data_ptr())
     if codes is None:
         rc = lib.deepport_moe_experts_f32(*head, w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), y.data_ptr())
@@ -219,7 +236,7 @@ def moe_route(biased, n_groups: int, topk_groups: int, topk: int):
     b = biased.contiguous()
     m, e = b.shape
     ids = torch.empty(m, topk, dtype=torch.int64)
-    _loaded()[0].deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
+    _lib().deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
     return ids
 
 
@@ -232,7 +249,7 @@ def moe_gate_tail(scores, bias, n_groups: int, topk_groups: int, topk: int, rout
     m, e = s.shape
     ids = torch.empty(m, topk, dtype=torch.int64)
     w = torch.empty(m, topk, dtype=torch.float32)
-    _loaded()[0].deepport_moe_gate_tail(m, e, n_groups, topk_groups, topk, s.data_ptr(), b.data_ptr(), route_scale,
+    _lib().deepport_moe_gate_tail(m, e, n_groups, topk_groups, topk, s.data_ptr(), b.data_ptr(), route_scale,
                                         int(norm), ids.data_ptr(), w.data_ptr())
     return w, ids
 
@@ -249,7 +266,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
     table, lens = table.contiguous(), lens.contiguous()
     out = torch.empty(b, s, h, c, dtype=torch.float32)
-    rc = _loaded()[0].deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
+    rc = _lib().deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
                                              qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
                                              table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
     _check(rc, f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; the cache's "
@@ -265,7 +282,7 @@ def linear_e4m3(x, codes):
     k, n = x.shape[-1], codes.weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _loaded()[0].deepport_linear_e4m3(x2.shape[0], n, k, x2.data_ptr(), codes.weight.data_ptr(),
+    _lib().deepport_linear_e4m3(x2.shape[0], n, k, x2.data_ptr(), codes.weight.data_ptr(),
                                       codes.scale_inv.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)
 
@@ -278,7 +295,7 @@ def linear_bf16(x, w16):
     k, n = x.shape[-1], w16.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _loaded()[0].deepport_linear_bf16(x2.shape[0], n, k, x2.data_ptr(), w16.data_ptr(), y.data_ptr())
+    _lib().deepport_linear_bf16(x2.shape[0], n, k, x2.data_ptr(), w16.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)
 
 
@@ -287,7 +304,7 @@ def rms_norm(x, weight, eps: float, residual=None):
     rms_norm contract. The caller checks eligibility (fp32 CPU tensors, matching shapes, no grad, not tracing)."""
     import torch
 
-    d, fn = x.shape[-1], _loaded()[0].deepport_rms_norm
+    d, fn = x.shape[-1], _lib().deepport_rms_norm
     xc, w = x.contiguous(), weight.contiguous()
     y = torch.empty_like(xc)  # (torch.empty of a torch.Size costs a microsecond more: 25 norms a step)
     if residual is None:

@@ -133,7 +133,7 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
     }
     job_t jb = {s, h, c, r, nq, most, blocks, ql, qp, kv, pe, lens, row, scale, out};
     if (threads() > 1 && b * blocks > 1 && 2 * work >= PARALLEL_MIN_WEIGHTS) {
-#pragma omp parallel
+#pragma omp parallel num_threads(deepport_threads)
         {
             float *sc = malloc((size_t)(QB * most) * sizeof(float));
 #pragma omp for schedule(static)

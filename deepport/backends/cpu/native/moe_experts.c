@@ -24,6 +24,18 @@
 
 #define TOKENS 4 /* tokens an expert's rows are read for at once */
 
+int deepport_threads = 1; /* see simd.h: threads() */
+
+/* torch's thread count, for the parallel loops (an OpenMP build; a serial build keeps 1). Returns the count used. */
+int deepport_set_threads(int64_t n) {
+#ifdef _OPENMP
+    deepport_threads = n > 1 ? (int)n : 1;
+#else
+    (void)n;
+#endif
+    return deepport_threads;
+}
+
 /* Weight formats (q): fp32 values, e4m3fn codes with 128x128 block scales, or bf16 values (exact in fp32). */
 enum { F32 = 0, E4M3 = 1, BF16 = 2 };
 
@@ -212,9 +224,9 @@ static int run(int64_t m, int64_t d, int64_t inter, int64_t k, int64_t e, const 
     float *up = hp + p * inter;
     int64_t chunks = (inter + ROWS - 1) / ROWS, units = nb * chunks, outs = (d + ROWS - 1) / ROWS;
     if (threads() > 1 && nb * 3 * inter * d >= PARALLEL_MIN_WEIGHTS) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(deepport_threads)
         for (int64_t u = 0; u < units; u++) gate_up_unit(w1, w3, blks, x, pair, k, u, chunks, hp, up);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(deepport_threads)
         for (int64_t u = 0; u < outs; u++) down(w2, blks, nb, hp, pair, wts, k, u * ROWS, min64(u * ROWS + ROWS, d), y);
     } else {
         for (int64_t u = 0; u < units; u++) gate_up_unit(w1, w3, blks, x, pair, k, u, chunks, hp, up);
@@ -263,7 +275,7 @@ static int linear(int64_t m, mat_t a, const float *x, float *y) {
         const float *xs[TOKENS];
         for (int t = 0; t < TOKENS; t++) xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * k;
         if (wide) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(deepport_threads)
             for (int64_t c = 0; c < n; c += 4) linear_rows(a, xs, nt, t0, c, y);
         } else {
             for (int64_t c = 0; c < n; c += 4) linear_rows(a, xs, nt, t0, c, y);

@@ -24,12 +24,11 @@ typedef uint16_t vh __attribute__((vector_size(VW * 2)));
    the kernels share torch's thread pool and its thread count), a kernel splits its work across the threads where
    it reads at least this many weights; smaller work stays on the calling thread (waking the pool costs more). */
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
-#ifdef _OPENMP
-#include <omp.h>
-INLINE int threads(void) { return omp_get_max_threads(); }
-#else
-INLINE int threads(void) { return 1; }
-#endif
+/* The threads a parallel loop uses: torch's count (torch.get_num_threads()), which the Python side sets through
+   deepport_set_threads before a call whenever it changed. Not OpenMP's per-thread default: a kernel called from
+   another Python thread would see the machine's core count there, not what torch.set_num_threads said. */
+extern int deepport_threads;
+INLINE int threads(void) { return deepport_threads; }
 
 INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
