@@ -120,7 +120,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"could not load {lib.name}: {e}"
     for name, ints, pointers in (("deepport_moe_experts_f32", 5, 7), ("deepport_moe_experts_e4m3", 5, 10),
-                                 ("deepport_moe_route", 5, 2), ("deepport_linear_e4m3", 3, 4)):
+                                 ("deepport_linear_e4m3", 3, 4)):
         fn = getattr(dll, name)
         fn.argtypes = [ctypes.c_int64] * ints + [ctypes.c_void_p] * pointers
         fn.restype = ctypes.c_int
@@ -228,21 +228,10 @@ def moe_experts(x, topk_weights, topk_ids, w1, w2, w3, codes=None):
 ROUTE_MAX_EXPERTS = 1024  # moe_route.c's per-token buffers
 
 
-def moe_route(biased, n_groups: int, topk_groups: int, topk: int):
-    """Expert ids [M, topk] (int64) from biased scores [M, E] through the C selection (moe_route.c); the caller
-    checks the contract (core/preconditions.moe_gate), E <= ROUTE_MAX_EXPERTS, fp32 on the CPU."""
-    import torch
-
-    b = biased.contiguous()
-    m, e = b.shape
-    ids = torch.empty(m, topk, dtype=torch.int64)
-    _lib().deepport_moe_route(m, e, n_groups, topk_groups, topk, b.data_ptr(), ids.data_ptr())
-    return ids
-
-
 def moe_gate_tail(scores, bias, n_groups: int, topk_groups: int, topk: int, route_scale: float, norm: bool):
     """(weights [M, topk] fp32, ids [M, topk] int64) from sigmoid scores [M, E] and the correction bias [E] through
-    moe_route.c (bias add, selection, weights) in one call; the caller checks as for moe_route, bias fp32."""
+    moe_route.c (bias add, selection, weights) in one call; the caller checks the contract
+    (core/preconditions.moe_gate), E <= ROUTE_MAX_EXPERTS, fp32 CPU tensors."""
     import torch
 
     s, b = scores.contiguous(), bias.contiguous()
@@ -250,7 +239,7 @@ def moe_gate_tail(scores, bias, n_groups: int, topk_groups: int, topk: int, rout
     ids = torch.empty(m, topk, dtype=torch.int64)
     w = torch.empty(m, topk, dtype=torch.float32)
     _lib().deepport_moe_gate_tail(m, e, n_groups, topk_groups, topk, s.data_ptr(), b.data_ptr(), route_scale,
-                                        int(norm), ids.data_ptr(), w.data_ptr())
+                                  int(norm), ids.data_ptr(), w.data_ptr())
     return w, ids
 
 
@@ -267,8 +256,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     table, lens = table.contiguous(), lens.contiguous()
     out = torch.empty(b, s, h, c, dtype=torch.float32)
     rc = _lib().deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
-                                             qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
-                                             table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
+                                        qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
+                                        table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
     _check(rc, f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; the cache's "
                f"block table is corrupt", f"mla_decode: its scores ({b} rows)")
     return out
@@ -277,25 +266,24 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
 def linear_e4m3(x, codes):
     """x [..., K] (fp32) times the transpose of the weight `codes` holds (Fp8Weight [N, K], 128x128 blocks):
     fp32 [..., N], reading the codes. The caller checks eligibility (fp32 CPU x, no grad, not tracing)."""
-    import torch
-
-    k, n = x.shape[-1], codes.weight.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _lib().deepport_linear_e4m3(x2.shape[0], n, k, x2.data_ptr(), codes.weight.data_ptr(),
-                                      codes.scale_inv.data_ptr(), y.data_ptr())
-    return y.view(*x.shape[:-1], n)
+    return _linear(x, codes.weight.shape[0], lambda lib, m, n, k, xp, yp: lib.deepport_linear_e4m3(
+        m, n, k, xp, codes.weight.data_ptr(), codes.scale_inv.data_ptr(), yp))
 
 
 def linear_bf16(x, w16):
     """x [..., K] (fp32) times the transpose of w16 (bf16 [N, K], the exact values of an fp32 weight): fp32 [..., N],
     reading the bf16 values (half the bytes). The caller checks eligibility (fp32 CPU x, no grad, not tracing)."""
+    return _linear(x, w16.shape[0], lambda lib, m, n, k, xp, yp: lib.deepport_linear_bf16(m, n, k, xp,
+                                                                                         w16.data_ptr(), yp))
+
+
+def _linear(x, n: int, call):
     import torch
 
-    k, n = x.shape[-1], w16.shape[0]
+    k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    _lib().deepport_linear_bf16(x2.shape[0], n, k, x2.data_ptr(), w16.data_ptr(), y.data_ptr())
+    call(_lib(), x2.shape[0], n, k, x2.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)
 
 

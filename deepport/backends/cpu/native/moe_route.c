@@ -43,16 +43,11 @@ static void route_one(const float *b, int64_t e, int64_t n_groups, int64_t topk_
     }
 }
 
-int deepport_moe_route(int64_t m, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk,
-                       const float *biased, int64_t *ids) {
-    for (int64_t t = 0; t < m; t++) route_one(biased + t * e, e, n_groups, topk_groups, topk, ids + t * topk);
-    return 0;
-}
-
 /* The gate after its scores, in one call: from sigmoid scores [m, e] and the correction bias [e], biased = scores +
    bias (one fp32 add, as torch's), the selection above into ids [m, topk], and the weights [m, topk]: the chosen
    experts' unbiased scores times route_scale, divided by their sum when norm (route_scale / sum in fp32, then one
-   multiply, as the torch path computes them; the sum in top-k order). Same limits as deepport_moe_route. */
+   multiply, as the torch path computes them; the sum in top-k order). e % n_groups == 0, topk_groups <=
+   n_groups, topk <= topk_groups * e / n_groups, e <= 1024 and n_groups <= 1024 (checked by the caller). Returns 0. */
 int deepport_moe_gate_tail(int64_t m, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk,
                            const float *scores, const float *bias, float route_scale, int64_t norm, int64_t *ids,
                            float *weights) {
