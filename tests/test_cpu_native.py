@@ -216,6 +216,25 @@ def test_c_decode_matches_cpu_ref(b, s, h, c, r, p, lens):
     torch.testing.assert_close(cpu.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)  # via the op
 
 
+@pytest.mark.parametrize("b,s", [(1, 2), (3, 2), (2, 1)])
+def test_c_decode_reads_strided_queries_in_place_and_writes_heads_first(b, s):
+    """The decode graph hands the kernel views: q_latent heads-first ([H, B*S, C] memory, the batched product's
+    output), q_pe a split of rope's [.., H + 1, R]. Same values as contiguous copies; the output's memory is
+    heads-first (the next batched product reads it without a copy)."""
+    h, c, r = 4, 128, 16
+    ql, qp, kv, pe, table, lens = _attention_case(b * 10 + s, b, s, h, c, r, 16, [20 + 3 * i for i in range(b)])
+    heads_first = ql.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [B, S, H, C] over [H, B, S, C]
+    with_key = torch.cat((qp, torch.randn(b, s, 1, r)), dim=2)[:, :, :h]  # [B, S, H, R] over [B, S, H + 1, R]
+    assert not heads_first.is_contiguous() and not with_key.is_contiguous()
+    want = ref.mla_decode(*(a.double() if a.is_floating_point() else a for a in (ql, qp, kv, pe, table, lens)), 0.125)
+    got = native.mla_decode(heads_first, with_key, kv, pe, table, lens, 0.125)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got.permute(2, 0, 1, 3).is_contiguous()
+    last_dim_strided = torch.randn(b, s, h, 2 * c)[..., ::2].copy_(ql)  # no unit stride: copied once, same values
+    torch.testing.assert_close(native.mla_decode(last_dim_strided, qp, kv, pe, table, lens, 0.125), got,
+                               rtol=0, atol=0)
+
+
 def test_c_decode_refuses_a_block_id_outside_the_pool():
     ql, qp, kv, pe, table, lens = _attention_case(5, 2, 1, 4, 16, 8, 4, [6, 3])
     table[0, 1] = kv.shape[0]  # in use: row 0 holds 6 tokens in blocks of 4

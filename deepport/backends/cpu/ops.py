@@ -281,17 +281,18 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     preconditions.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens)
     b, s, h, c = q_latent.shape
     p = kv_cache.shape[1]
+    if not torch.compiler.is_compiling():
+        # eager: the lengths are host values on a CPU (no device to wait for), so read only the blocks in use
+        lens = seq_lens.tolist()
+        preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
+        if _native_attention(q_latent, kv_cache, pe_cache):  # reads the queries in place (no reshape copies)
+            return native.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     ql = q_latent.reshape(b, s * h, c)
     qp = q_pe.reshape(b, s * h, -1)
     if ql.dtype != F32:
         ql, qp = ql.float(), qp.float()
     if torch.compiler.is_compiling():  # static shapes: the whole block-table row, masked
         return _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s).to(q_latent.dtype)
-    # eager: the lengths are host values on a CPU (no device to wait for), so read only the blocks in use
-    lens = seq_lens.tolist()
-    preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
-    if _native_attention(ql, kv_cache, pe_cache):
-        return native.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale).to(q_latent.dtype)
     top = max(lens)
     nblk = -(-top // p)
     if min(lens) != top:

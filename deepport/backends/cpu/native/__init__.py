@@ -134,8 +134,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     dll.deepport_rms_norm.restype = ctypes.c_int
     dll.deepport_linear_bf16.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     dll.deepport_linear_bf16.restype = ctypes.c_int
-    dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float,
-                                                                                         ctypes.c_void_p]
+    dll.deepport_mla_decode_f32.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 6 + [ctypes.c_float] + \
+        [ctypes.c_void_p] * 2
     dll.deepport_mla_decode_f32.restype = ctypes.c_int
     return dll, f"C ({Path(cc).name} {' '.join(f for f in flags if f.startswith(('-march', '-mcpu', '-fopenmp')))})"
 
@@ -244,20 +244,25 @@ def moe_gate_tail(scores, bias, n_groups: int, topk_groups: int, topk: int, rout
 
 
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale):
-    """MLA decode through the C kernel (mla_decode.c): fp32 [B, S, H, C]. The caller checks the shapes and the
-    lengths (S <= L <= blocks * P, core/preconditions.py) and eligibility (fp32 CPU tensors, no grad, not tracing)."""
+    """MLA decode through the C kernel (mla_decode.c): fp32 [B, S, H, C], heads-first in memory ([H, B, S, C]
+    permuted: what the batched product over heads after it reads without a copy). q_latent and q_pe are read in
+    place where their last dim is contiguous (the heads-first product before it, rope's split), else copied once.
+    The caller checks the shapes and the lengths (S <= L <= blocks * P, core/preconditions.py) and eligibility
+    (fp32 CPU tensors, no grad, not tracing)."""
     import torch
 
     b, s, h, c = q_latent.shape
     nb, p, _ = kv_cache.shape
-    ql, qp = q_latent.contiguous(), q_pe.contiguous()
+    ql = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
+    qp = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
     lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
     table, lens = table.contiguous(), lens.contiguous()
-    out = torch.empty(b, s, h, c, dtype=torch.float32)
+    out = torch.empty(h, b, s, c, dtype=torch.float32).permute(1, 2, 0, 3)
+    strides = (ctypes.c_int64 * 9)(*ql.stride()[:3], *qp.stride()[:3], *out.stride()[:3])
     rc = _lib().deepport_mla_decode_f32(b, s, h, c, q_pe.shape[-1], nb, p, table.shape[1], ql.data_ptr(),
                                         qp.data_ptr(), kv_cache.data_ptr(), pe_cache.data_ptr(),
-                                        table.data_ptr(), lens.data_ptr(), scale, out.data_ptr())
+                                        table.data_ptr(), lens.data_ptr(), scale, out.data_ptr(), strides)
     _check(rc, f"mla_decode: block_table holds a block id outside [0, {nb}) among the blocks in use; the cache's "
                f"block table is corrupt", f"mla_decode: its scores ({b} rows)")
     return out

@@ -36,6 +36,7 @@ INLINE void score4(const float *const ql[QB], const float *const qp[QB], const f
 /* The shapes and pointers of one call, for its (row, query block) items. */
 typedef struct {
     int64_t s, h, c, r, nq, most, blocks;
+    int64_t qs[3], ps[3], os[3]; /* element strides of (row, position, head) in ql, qp and out */
     const float *ql, *qp, *kv, *pe;
     const int32_t *lens;
     const int64_t *row;
@@ -54,8 +55,8 @@ static void item(const job_t *jb, int64_t it, float *sc) {
     int64_t pos[QB];
     for (int i = 0; i < QB; i++) {
         int64_t q = q0 + (i < nqb ? i : nqb - 1);
-        qls[i] = ql + (bi * nq + q) * c;
-        qps[i] = qp + (bi * nq + q) * r;
+        qls[i] = ql + bi * jb->qs[0] + (q / h) * jb->qs[1] + (q % h) * jb->qs[2];
+        qps[i] = qp + bi * jb->ps[0] + (q / h) * jb->ps[1] + (q % h) * jb->ps[2];
         pos[i] = len - s + q / h; /* this query sees keys 0 .. pos */
     }
     float m[QB], sum[QB];
@@ -102,17 +103,22 @@ static void item(const job_t *jb, int64_t it, float *sc) {
                 for (int64_t l = 0; l < w; l++)
                     for (int i = 0; i < QB; i++) acc[i][l] += sc[i * most + j] * kv[rows[j] * c + cc + l];
         }
-        for (int i = 0; i < nqb; i++)
-            memcpy(out + (bi * nq + q0 + i) * c + cc, &acc[i], (size_t)w * sizeof(float));
+        for (int i = 0; i < nqb; i++) {
+            int64_t q = q0 + i;
+            memcpy(out + bi * jb->os[0] + (q / h) * jb->os[1] + (q % h) * jb->os[2] + cc, &acc[i],
+                   (size_t)w * sizeof(float));
+        }
     }
 }
 
 /* q_latent [B, S, H, C]; q_pe [B, S, H, R]; kv [NB, P, C]; pe [NB, P, R]; table [B, T] int32 block ids;
-   lens [B] int32 (S <= lens[b] <= T * P, checked by the caller); out [B, S, H, C] (written).
+   lens [B] int32 (S <= lens[b] <= T * P, checked by the caller); out [B, S, H, C] (written). q_latent, q_pe and out
+   may be strided views (their last dim contiguous): strides [3] holds each one's element strides of B, S and H, in
+   that order (e.g. heads-first [H, B*S, C] memory, as the batched products before and after use it).
    Returns 0; -1 where a block id in use is outside [0, NB); -2: out of memory. */
 int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t r, int64_t nb, int64_t p, int64_t t,
                             const float *ql, const float *qp, const float *kv, const float *pe, const int32_t *table,
-                            const int32_t *lens, float scale, float *out) {
+                            const int32_t *lens, float scale, float *out, const int64_t *strides) {
     int64_t nq = s * h, most = 1, blocks = (nq + QB - 1) / QB, work = 0;
     for (int64_t bi = 0; bi < b; bi++) most = lens[bi] > most ? lens[bi] : most;
     int64_t *row = malloc((size_t)(b * most) * sizeof(int64_t)); /* token j of row bi: row[bi * most + j] in the pools */
@@ -131,7 +137,8 @@ int deepport_mla_decode_f32(int64_t b, int64_t s, int64_t h, int64_t c, int64_t 
         free(row);
         return rc;
     }
-    job_t jb = {s, h, c, r, nq, most, blocks, ql, qp, kv, pe, lens, row, scale, out};
+    job_t jb = {s, h, c, r, nq, most, blocks, {0}, {0}, {0}, ql, qp, kv, pe, lens, row, scale, out};
+    for (int i = 0; i < 3; i++) jb.qs[i] = strides[i], jb.ps[i] = strides[3 + i], jb.os[i] = strides[6 + i];
     if (threads() > 1 && b * blocks > 1 && 2 * work >= PARALLEL_MIN_WEIGHTS) {
 #pragma omp parallel num_threads(deepport_threads)
         {

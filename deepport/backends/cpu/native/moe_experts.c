@@ -54,37 +54,48 @@ INLINE float w1s(row_t r, int64_t j, int q) {
                      : q == BF16 ? bf16(((const uint16_t *)r.p)[j]) : ((const float *)r.p)[j];
 }
 
-/* out[r * TOKENS + t] += rows[r] . xs[t] over columns [j0, j1), scaled by the rows' block scale (fp8), for
-   NR rows and NT tokens with NR * NT <= 8 (accumulators in registers). */
-INLINE void block(const row_t *r, int nr, const float *const *xs, int nt, int64_t j0, int64_t j1, int64_t kb,
-                  int q, float *out) {
-    vf a[8] = {{0}};
-    int64_t j = j0;
-    for (; j + VW <= j1; j += VW) {
-        vf x[4];
-        for (int t = 0; t < nt; t++) x[t] = ld(xs[t] + j);
+/* out[r * TOKENS + t] = rows[r] . xs[t] for NR rows and NT tokens, NR * NT <= 8 (accumulators in registers).
+   Per 8 columns a lane partial sum; for fp8 each 128-column block's partial sums are scaled by the rows' block
+   scale into running totals (a vector multiply-add, no reduction per block). The lanes are summed once per row at
+   the end (hsum4, four sums at a time). */
+INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, int64_t k, int q, float *out) {
+    vf tot[8] = {{0}};
+    float tail[8] = {0};
+    int64_t step = q == E4M3 ? 128 : k;
+    for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++) {
+        int64_t j1 = j0 + step < k ? j0 + step : k, j = j0;
+        vf a[8] = {{0}};
+        for (; j + VW <= j1; j += VW) {
+            vf x[4];
+            for (int t = 0; t < nt; t++) x[t] = ld(xs[t] + j);
+            for (int i = 0; i < nr; i++) {
+                vf w = wv(r[i], j, q);
+                for (int t = 0; t < nt; t++) a[i * nt + t] += w * x[t];
+            }
+        }
         for (int i = 0; i < nr; i++) {
-            vf w = wv(r[i], j, q);
-            for (int t = 0; t < nt; t++) a[i * nt + t] += w * x[t];
+            float sc = q == E4M3 ? r[i].s[kb] : 1.0f;
+            for (int t = 0; t < nt; t++) {
+                if (q == E4M3) tot[i * nt + t] += a[i * nt + t] * sc;
+                else tot[i * nt + t] = a[i * nt + t];
+                if (j < j1) {
+                    float s = 0.0f;
+                    for (int64_t jj = j; jj < j1; jj++) s += w1s(r[i], jj, q) * xs[t][jj];
+                    tail[i * nt + t] += s * sc;
+                }
+            }
         }
     }
+    float o[8];
+    for (int g = 0; g < nr * nt; g += 4) /* nr * nt is 1, 2, 4 or 8 */
+        hsum4(tot[g], tot[g + 1 < nr * nt ? g + 1 : g], tot[g + 2 < nr * nt ? g + 2 : g],
+              tot[g + 3 < nr * nt ? g + 3 : g], o + g);
     for (int i = 0; i < nr; i++)
-        for (int t = 0; t < nt; t++) {
-            float s = hsum(a[i * nt + t]);
-            for (int64_t jj = j; jj < j1; jj++) s += w1s(r[i], jj, q) * xs[t][jj];
-            out[i * TOKENS + t] += q == E4M3 ? s * r[i].s[kb] : s;
-        }
-}
-
-INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, int64_t k, int q, float *out) {
-    int64_t step = q == E4M3 ? 128 : k;
-    for (int64_t j0 = 0, kb = 0; j0 < k; j0 += step, kb++)
-        block(r, nr, xs, nt, j0, j0 + step < k ? j0 + step : k, kb, q, out);
+        for (int t = 0; t < nt; t++) out[i * TOKENS + t] = o[i * nt + t] + tail[i * nt + t];
 }
 
 /* Dot products of 4 rows with nt (<= TOKENS) tokens: out[r * TOKENS + t] (rows past nr are copies, unwritten). */
 static void dots(const row_t r[4], int nr, const float *const xs[TOKENS], int nt, int64_t k, int q, float *out) {
-    memset(out, 0, 4 * TOKENS * sizeof(float));
     if (nt <= 2) { /* each (format, tokens) pair its own inlined loop: constants the compiler unrolls */
         if (q == E4M3) {
             if (nt == 1) dots_nr_nt(r, 4, xs, 1, k, E4M3, out); else dots_nr_nt(r, 4, xs, 2, k, E4M3, out);

@@ -114,12 +114,27 @@ INLINE vf vexp(vf x) {
 #endif
 }
 
-INLINE float hsum(vf v) { /* pairwise */
+/* The lane sums of four vectors: o[i] = the sum of v[i]'s lanes, adjacent lanes first ((0+1) + (2+3)) + ((4+5) +
+   (6+7)), as hsum sums them. AVX2: three horizontal adds and one 128-bit add for the four, instead of four
+   separate reductions through memory (on 128-wide dot products those cost about a third of the kernel). */
+INLINE void hsum4(vf v0, vf v1, vf v2, vf v3, float o[4]) {
+#if defined(__AVX2__)
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps((__m256)v0, (__m256)v1), _mm256_hadd_ps((__m256)v2, (__m256)v3));
+    _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    vf v[4] = {v0, v1, v2, v3};
+    for (int i = 0; i < 4; i++) {
+        float s[VW];
+        memcpy(s, &v[i], sizeof s);
+        o[i] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+#endif
+}
+
+INLINE float hsum(vf v) { /* adjacent lanes first, as hsum4 */
     float s[VW];
     memcpy(s, &v, sizeof s);
-    for (int w = VW / 2; w; w /= 2)
-        for (int i = 0; i < w; i++) s[i] += s[i + w];
-    return s[0];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 #endif
