@@ -151,3 +151,31 @@ def test_speculative_sampling_keeps_the_target_distribution():
 def test_sampled_speculative_runs_and_reports_stats(model):
     r = model.generate("def g():\n", max_new_tokens=10, temperature=0.8, seed=3, mtp=True)
     assert len(r.tokens) <= 10 and {"acceptance_rate", "tokens_per_forward"} <= set(r.stats)
+
+
+def test_host_contexts_equal_the_device_computed_ones():
+    """A cache in host memory gets its decode metadata from the host mirror (lengths, owned blocks): slots,
+    lengths and rope tables equal cache_context's device arithmetic, for ragged rows, a subset of rows in any
+    order, S = 1..3, across block edges."""
+    t = deepport.load("tiny", backend="cpu", dtype="fp32").transformer
+    cache = t.new_cache(3, 96, block_size=4)
+    for r, n in enumerate((7, 15, 2)):
+        cache.reserve([r], n)
+        cache.advance([r], n)
+    for rows in ([0], [2, 0], [0, 1, 2]):
+        for s in (1, 2, 3):
+            starts = tuple(cache.lens[r] for r in rows)
+            cache.reserve(rows, s)
+            t._rope_memo = None
+            host = t._host_context(cache, rows, starts, s)
+            idx = torch.tensor(rows)
+            dev = t.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows)
+            for name in ("slots", "seq_lens", "block_table", "cos", "sin"):
+                a, b = getattr(host, name), getattr(dev, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), (rows, s, name)
+    t._rope_memo = None
+    seen = []
+    orig = t._host_context
+    t._host_context = lambda *a: seen.append(a[1]) or orig(*a)
+    t._context(2, 1, cache, [1, 2], "cpu")
+    assert seen == [[1, 2]]  # the eager path on a host cache takes it

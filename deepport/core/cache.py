@@ -53,13 +53,11 @@ class PagedLatentCache:
                 self._owned[r].append(blk)
 
     def slots(self, rows: list[int], n_new: int) -> torch.Tensor:
-        """Flat slot index (block * P + offset) of the next n_new positions of each row: [len(rows), n_new]."""
-        out = []
-        for r in rows:
-            pos = torch.arange(self.lens[r], self.lens[r] + n_new)
-            blocks = torch.tensor(self._owned[r], dtype=torch.long)[pos // self.block_size]
-            out.append(blocks * self.block_size + pos % self.block_size)
-        return torch.stack(out).to(self.block_table.device)
+        """Flat slot index (block * P + offset) of the next n_new positions of each row: [len(rows), n_new] int64,
+        from the host mirror (reserve first)."""
+        p = self.block_size
+        out = [[self._owned[r][j // p] * p + j % p for j in range(self.lens[r], self.lens[r] + n_new)] for r in rows]
+        return torch.tensor(out, dtype=torch.long, device=self.block_table.device)
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         """Store kv [b, s, C] and pe [b, s, R] at the given slots [b, s]."""

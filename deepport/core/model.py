@@ -303,16 +303,29 @@ class Transformer(nn.Module):
         page = cache.block_size
         pos = start.long().unsqueeze(1) + torch.arange(s, device=start.device)  # [B, S]
         if starts is not None and not torch.compiler.is_compiling():  # eager only: a traced step reads no memo
-            key, memo = (starts, s, pos.device), self.__dict__.get("_rope_memo")
-            if memo is not None and memo[0] == key:
-                cos, sin = memo[1], memo[2]
-            else:
-                cos, sin = self.rope_tables(pos)
-                self._rope_memo = (key, cos, sin)
+            cos, sin = self._rope_at(starts, s, lambda: pos)
         else:
             cos, sin = self.rope_tables(pos)
         slots = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
         return AttnContext(cos, sin, cache, rows, slots, block_table, (start + s).to(torch.int32), fresh=False)
+
+    def _rope_at(self, starts: tuple, s: int, positions):
+        """cos, sin of S positions from each of `starts` (host ints); positions() makes the [B, S] position tensor.
+        The tables of the last such positions are reused (an MTP draft runs at its verification's positions)."""
+        key, memo = (starts, s, self.inv_freq.device), self.__dict__.get("_rope_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1], memo[2]
+        cos, sin = self.rope_tables(positions())
+        self._rope_memo = (key, cos, sin)
+        return cos, sin
+
+    def _host_context(self, cache: PagedLatentCache, rows: list, starts: tuple, s: int) -> AttnContext:
+        """cache_context's metadata from the cache's host mirror (lengths, owned blocks) where the cache lives in host
+        memory: a few tensors made from ints instead of a dozen small ops on the device's tensors (same values)."""
+        idx = cache.index(rows)
+        cos, sin = self._rope_at(starts, s, lambda: torch.tensor([[st + i for i in range(s)] for st in starts]))
+        lens = torch.tensor([st + s for st in starts], dtype=torch.int32)
+        return AttnContext(cos, sin, cache, rows, cache.slots(rows, s), cache.block_table[idx], lens, fresh=False)
 
     def _context(self, b: int, s: int, cache: PagedLatentCache | None, rows: list | None, device) -> AttnContext:
         if cache is None:
@@ -323,8 +336,11 @@ class Transformer(nn.Module):
             raise ValueError(f"{len(rows)} cache rows given for a batch of {b}")
         starts = tuple(cache.lens[r] for r in rows)  # host mirror: no sync
         cache.reserve(rows, s)
-        idx = cache.index(rows)
-        ctx = self.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows, starts)
+        if cache.seq_lens.device.type == "cpu" and not torch.compiler.is_compiling():
+            ctx = self._host_context(cache, rows, starts, s)
+        else:
+            idx = cache.index(rows)
+            ctx = self.cache_context(cache, cache.seq_lens[idx], cache.block_table[idx], s, rows, starts)
         ctx.fresh = not any(starts)
         return ctx
 
