@@ -303,16 +303,17 @@ class Transformer(nn.Module):
         page = cache.block_size
         pos = start.long().unsqueeze(1) + torch.arange(s, device=start.device)  # [B, S]
         if starts is not None and not torch.compiler.is_compiling():  # eager only: a traced step reads no memo
-            cos, sin = self._rope_at(starts, s, lambda: pos)
+            cos, sin = self._rope_at(starts, s, pos.device, lambda: pos)
         else:
             cos, sin = self.rope_tables(pos)
         slots = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor")) * page + pos % page
         return AttnContext(cos, sin, cache, rows, slots, block_table, (start + s).to(torch.int32), fresh=False)
 
-    def _rope_at(self, starts: tuple, s: int, positions):
-        """cos, sin of S positions from each of `starts` (host ints); positions() makes the [B, S] position tensor.
-        The tables of the last such positions are reused (an MTP draft runs at its verification's positions)."""
-        key, memo = (starts, s, self.inv_freq.device), self.__dict__.get("_rope_memo")
+    def _rope_at(self, starts: tuple, s: int, device, positions):
+        """cos, sin on `device` of S positions from each of `starts` (host ints); positions() makes the [B, S]
+        position tensor there. The tables of the last such positions are reused (an MTP draft runs at its
+        verification's positions)."""
+        key, memo = (starts, s, device), self.__dict__.get("_rope_memo")
         if memo is not None and memo[0] == key:
             return memo[1], memo[2]
         cos, sin = self.rope_tables(positions())
@@ -323,8 +324,10 @@ class Transformer(nn.Module):
         """cache_context's metadata from the cache's host mirror (lengths, owned blocks) where the cache lives in host
         memory: a few tensors made from ints instead of a dozen small ops on the device's tensors (same values)."""
         idx = cache.index(rows)
-        cos, sin = self._rope_at(starts, s, lambda: torch.tensor([[st + i for i in range(s)] for st in starts]))
-        lens = torch.tensor([st + s for st in starts], dtype=torch.int32)
+        device = cache.block_table.device
+        cos, sin = self._rope_at(starts, s, device, lambda: torch.tensor([[st + i for i in range(s)] for st in starts],
+                                                                         device=device))
+        lens = torch.tensor([st + s for st in starts], dtype=torch.int32, device=device)
         return AttnContext(cos, sin, cache, rows, cache.slots(rows, s), cache.block_table[idx], lens, fresh=False)
 
     def _context(self, b: int, s: int, cache: PagedLatentCache | None, rows: list | None, device) -> AttnContext:

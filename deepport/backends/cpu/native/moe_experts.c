@@ -87,7 +87,7 @@ INLINE void dots_nr_nt(const row_t *r, int nr, const float *const *xs, int nt, i
         }
     }
     float o[8];
-    for (int g = 0; g < nr * nt; g += 4) /* nr * nt is 1, 2, 4 or 8 */
+    for (int g = 0; g < nr * nt; g += 4) /* nr * nt is 4 or 8 here (any count works) */
         hsum4(tot[g], tot[g + 1 < nr * nt ? g + 1 : g], tot[g + 2 < nr * nt ? g + 2 : g],
               tot[g + 3 < nr * nt ? g + 3 : g], o + g);
     for (int i = 0; i < nr; i++)
