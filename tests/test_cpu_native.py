@@ -216,12 +216,12 @@ def test_c_decode_matches_cpu_ref(b, s, h, c, r, p, lens):
     torch.testing.assert_close(cpu.mla_decode(*args, 0.125).double(), want, rtol=1e-5, atol=1e-5)  # via the op
 
 
-@pytest.mark.parametrize("b,s", [(1, 2), (3, 2), (2, 1)])
-def test_c_decode_reads_strided_queries_in_place_and_writes_heads_first(b, s):
+@pytest.mark.parametrize("b,s,h,c,r", [(1, 2, 4, 128, 16), (3, 2, 4, 128, 16), (2, 1, 4, 128, 16),
+                                       (1, 2, 128, 512, 64)])  # the last: DeepSeek-V3's heads and widths, S=2 (MTP)
+def test_c_decode_reads_strided_queries_in_place_and_writes_heads_first(b, s, h, c, r):
     """The decode graph hands the kernel views: q_latent heads-first ([H, B*S, C] memory, the batched product's
     output), q_pe a split of rope's [.., H + 1, R]. Same values as contiguous copies; the output's memory is
     heads-first (the next batched product reads it without a copy)."""
-    h, c, r = 4, 128, 16
     ql, qp, kv, pe, table, lens = _attention_case(b * 10 + s, b, s, h, c, r, 16, [20 + 3 * i for i in range(b)])
     heads_first = ql.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [B, S, H, C] over [H, B, S, C]
     with_key = torch.cat((qp, torch.randn(b, s, 1, r)), dim=2)[:, :, :h]  # [B, S, H, R] over [B, S, H + 1, R]
@@ -233,6 +233,21 @@ def test_c_decode_reads_strided_queries_in_place_and_writes_heads_first(b, s):
     last_dim_strided = torch.randn(b, s, h, 2 * c)[..., ::2].copy_(ql)  # no unit stride: copied once, same values
     torch.testing.assert_close(native.mla_decode(last_dim_strided, qp, kv, pe, table, lens, 0.125), got,
                                rtol=0, atol=0)
+
+
+def test_decode_with_a_query_part_not_in_fp32_does_not_reach_the_kernel():
+    """The kernel reads both query parts' bytes as fp32: a q_pe of another dtype takes the torch path (in fp32)."""
+    ql, qp, kv, pe, table, lens = _attention_case(9, 2, 2, 4, 128, 16, 16, [20, 33])
+    want = ref.mla_decode(ql.double(), qp.double(), kv.double(), pe.double(), table, lens, 0.125)
+    for other in (torch.float64, torch.bfloat16):
+        q = qp.to(other)
+        got = cpu.mla_decode(ql, q, kv, pe, table, lens, 0.125)
+        assert got.dtype == torch.float32
+        tol = 1e-5 if other == torch.float64 else 2e-2
+        torch.testing.assert_close(got.double(), ref.mla_decode(ql.double(), q.double(), kv.double(), pe.double(),
+                                                                table, lens, 0.125), rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu.mla_decode(ql, qp, kv, pe, table, lens, 0.125).double(), want, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_c_decode_refuses_a_block_id_outside_the_pool():

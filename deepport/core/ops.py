@@ -139,7 +139,9 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     Shapes: q_latent [B, S, H, C]; q_pe [B, S, H, R]; kv_cache [NB, P, C]; pe_cache [NB, P, R];
     block_table [B, max_blocks] int32; seq_lens [B] int32 with S <= seq_lens[b] <= max_blocks * P.
     Returns [B, S, H, C] in q_latent.dtype. Sequences in a batch may have different lengths; unused
-    block_table entries may hold any value and must not be read.
+    block_table entries may hold any value and must not be read. q_latent and q_pe may arrive as strided
+    views (the graph passes a heads-first product's transpose and a split), and the result's strides are the
+    backend's choice (cpu returns it heads-first in memory): callers must not assume it contiguous.
     `scale` is the full softmax scale (qk_head_dim^-0.5 * mscale^2 with YaRN), never 576^-0.5.
     Tolerance class: ``attention``.
     """

@@ -285,11 +285,11 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
         # eager: the lengths are host values on a CPU (no device to wait for), so read only the blocks in use
         lens = seq_lens.tolist()
         preconditions.mla_decode_lengths(lens, s, block_table.shape[1] * p)
-        if _native_attention(q_latent, kv_cache, pe_cache):  # reads the queries in place (no reshape copies)
+        if _native_attention(q_latent, q_pe, kv_cache, pe_cache):  # reads the queries in place (no reshape copies)
             return native.mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     ql = q_latent.reshape(b, s * h, c)
     qp = q_pe.reshape(b, s * h, -1)
-    if ql.dtype != F32:
+    if ql.dtype != F32 or qp.dtype != F32:
         ql, qp = ql.float(), qp.float()
     if torch.compiler.is_compiling():  # static shapes: the whole block-table row, masked
         return _decode_masked(ql, qp, kv_cache, pe_cache, block_table, seq_lens, scale, s).to(q_latent.dtype)
@@ -312,12 +312,13 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, block_table, seq_lens, scale)
     return out if out.dtype == q_latent.dtype else out.to(q_latent.dtype)
 
 
-def _native_attention(ql, kv_cache, pe_cache) -> bool:
-    """The C decode kernel (one call a layer instead of ~20) for fp32 CPU tensors that need no grad, on one
-    thread or in a parallel build (a serial build would leave torch's other threads idle)."""
-    if not (ql.dtype == kv_cache.dtype == pe_cache.dtype == F32) or ql.device.type != "cpu":
+def _native_attention(ql, qp, kv_cache, pe_cache) -> bool:
+    """The C decode kernel (one call a layer instead of ~20) for fp32 CPU tensors (both query parts: the kernel
+    reads their bytes as fp32) that need no grad, on one thread or in a parallel build (a serial build would leave
+    torch's other threads idle)."""
+    if not (ql.dtype == qp.dtype == kv_cache.dtype == pe_cache.dtype == F32) or ql.device.type != "cpu":
         return False
-    if ql.requires_grad or not (kv_cache.is_contiguous() and pe_cache.is_contiguous()):
+    if ql.requires_grad or qp.requires_grad or not (kv_cache.is_contiguous() and pe_cache.is_contiguous()):
         return False
     return native.available() and native.threads_ok()
 

@@ -15,8 +15,6 @@ static int64_t best(const float *v, const unsigned char *taken, int64_t n) {
     return b;
 }
 
-/* biased [m, e]; ids [m, topk] (written). e % n_groups == 0, topk_groups <= n_groups, topk <= topk_groups *
-   e / n_groups, e <= 1024 and n_groups <= 1024 (checked by the caller). Returns 0. */
 /* The selection of one token from its biased scores b [e] into ids [topk]. */
 static void route_one(const float *b, int64_t e, int64_t n_groups, int64_t topk_groups, int64_t topk, int64_t *ids) {
     int64_t g = e / n_groups;
